@@ -1,0 +1,324 @@
+"""The Optuna backend: ask/tell over a journal file storage, with trials in threads or processes.
+
+The storage under ``--out`` is the sweep's source of truth: it holds every trial's parameters, the
+metric after each epoch and the trial's full record (``sbsearch.record``), so the same command resumes
+an interrupted sweep. Only this module imports Optuna.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import math
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from sbsearch.backends.base import Backend, ProgressSink, SweepInterrupted, TrialView
+from sbsearch.data import DATASETS
+from sbsearch.errors import SbsearchError
+from sbsearch.pruning import make_rule
+from sbsearch.space import config_from_params, grid_values, sample_config
+from sbsearch.spec import Spec
+from sbsearch.tracking import Tracker
+from sbsearch.trial import Interrupted, SweepContext, TrialRecord, run_trial
+
+__all__ = ["OptunaBackend", "open_study", "records_from_study"]
+
+_STATES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
+           TrialState.RUNNING: "RUNNING", TrialState.WAITING: "WAITING"}
+_INTERRUPTED = "sbsearch.interrupted"
+_RECORD = "sbsearch.record"
+
+
+class _OptunaSuggest:
+    """Adapts an Optuna trial to the backend-neutral ``Suggest`` protocol."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def categorical(self, name: str, choices: tuple[Any, ...]) -> Any:
+        return self.trial.suggest_categorical(name, list(choices))
+
+    def float(self, name: str, low: float, high: float, log: bool, step: float | None) -> float:
+        return self.trial.suggest_float(name, low, high, log=log, step=step)
+
+    def int(self, name: str, low: int, high: int, log: bool, step: int) -> int:
+        return self.trial.suggest_int(name, low, high, log=log, step=step)
+
+
+def storage_path(out_dir: Path) -> Path:
+    return out_dir / "optuna.journal"
+
+
+def _sampler(spec: Spec, worker: int) -> optuna.samplers.BaseSampler:
+    # Each worker process has its own sampler; the same seed in each would make them propose the
+    # same configurations in lockstep, so the worker's index and the trials already in the study
+    # (which differ on resume) are mixed into the seed.
+    seed = spec.seed * 7919 + worker * 104729
+    if spec.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.search.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_values(spec) or {"_": [0]}, seed=seed)
+    startup = min(10, max(4, spec.search.trials // 4))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                      warn_independent_sampling=False)
+
+
+def open_study(spec: Spec, out_dir: Path, direction: str, worker: int = 0) -> optuna.Study:
+    """Create or load the sweep's study in the journal file under ``out_dir``."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(storage_path(out_dir))))
+    study = optuna.create_study(storage=storage, sampler=_sampler(spec, worker), study_name=spec.name,
+                                direction=direction, load_if_exists=True)  # type: ignore[arg-type]
+    if study.direction.name.lower() != direction:
+        raise SbsearchError(f"--out: the study {spec.name!r} in {out_dir} must {direction} its metric, but it was "
+                            f"created to {study.direction.name.lower()}; use another --out or name")
+    return study
+
+
+def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if not t.user_attrs.get(_INTERRUPTED) and t.state != TrialState.WAITING]
+
+
+def trial_budget(spec: Spec) -> int:
+    """Trials to finish: the spec's count, capped by the grid's size for grid search."""
+    if spec.search.sampler == "grid":
+        size = spec.space_size()
+        return int(min(spec.search.trials, size))
+    return spec.search.trials
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _metric_name(ctx: SweepContext) -> str:
+    return DATASETS[ctx.spec.data.dataset].objective[0]
+
+
+def _direction(ctx: SweepContext) -> str:
+    return DATASETS[ctx.spec.data.dataset].objective[1]
+
+
+def _peers_at(study: optuna.Study, epoch: int, exclude: int) -> list[float]:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t.intermediate_values[epoch] for t in done if t.number != exclude and epoch in t.intermediate_values]
+
+
+def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, worker: int = 0) -> None:
+    """Ask for trials and run them until the budget, the deadline or a stop request ends the sweep."""
+    spec = ctx.spec
+    study = open_study(spec, ctx.out_dir, _direction(ctx), worker + len(study_trials(ctx)))
+    rule = make_rule(spec.search.pruner, _metric_name(ctx), _direction(ctx), spec.search.warmup_epochs)
+    budget = trial_budget(spec)
+    while True:
+        if stop is not None and stop.is_set():
+            return
+        with _file_lock(ctx.out_dir / ".claim.lock"):
+            if len(_counted(study.get_trials(deepcopy=False))) >= budget:
+                return
+            if deadline is not None and time.time() > deadline:
+                return
+            trial = study.ask()
+            trial.set_user_attr("sbsearch.pid", os.getpid())
+        try:
+            config = sample_config(spec, _OptunaSuggest(trial))
+        except Exception as exc:  # the sampler itself failed: record it, do not spin
+            trial.set_user_attr(_RECORD, asdict(TrialRecord(trial.number, "FAIL", {}, reason=f"sampling: {exc}")))
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+
+        def should_prune(epoch: int, metrics: Mapping[str, float], trial: optuna.Trial = trial) -> str | None:
+            value = metrics.get(rule.metric)
+            if value is not None and math.isfinite(value):
+                trial.report(value, epoch)
+            return rule.decide(epoch, metrics, _peers_at(study, epoch, trial.number))
+
+        try:
+            record = run_trial(ctx, trial.number, config, should_prune,
+                               stop_requested=(stop.is_set if stop is not None else lambda: False))
+        except (Interrupted, KeyboardInterrupt):
+            _mark_interrupted(ctx, study, trial.number, "the sweep was stopped while this trial ran")
+            return
+        trial.set_user_attr(_RECORD, asdict(record))
+        if record.state == "COMPLETE":
+            study.tell(trial, record.final[rule.metric])
+        else:
+            study.tell(trial, state=TrialState.PRUNED if record.state == "PRUNED" else TrialState.FAIL)
+
+
+def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: str) -> None:
+    """Record an unfinished trial as failed-and-interrupted and queue its configuration again, so the
+    resumed sweep re-runs it; its MLflow run is deleted, since the re-run logs a fresh one."""
+    frozen = study.get_trials(deepcopy=False)[number]
+    storage = study._storage
+    storage.set_trial_user_attr(frozen._trial_id, _INTERRUPTED, why)
+    with contextlib.suppress(Exception):  # already finished by a racing writer
+        study.tell(number, state=TrialState.FAIL)
+    if frozen.params:
+        study.enqueue_trial(dict(frozen.params), user_attrs={"sbsearch.requeued_from": number})
+    if ctx.tracking is not None and ctx.parent_run_id is not None:
+        tracker = Tracker(ctx.tracking)
+        for run in tracker.trial_runs(ctx.parent_run_id):
+            if run.data.tags.get("sbsearch.trial_number") == str(number):
+                tracker.client.delete_run(run.info.run_id)
+
+
+def study_trials(ctx: SweepContext) -> list[FrozenTrial]:
+    path = storage_path(ctx.out_dir)
+    if not path.exists():
+        return []
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    try:
+        study_id = storage.get_study_id_from_name(ctx.spec.name)
+    except KeyError:
+        return []
+    return storage.get_all_trials(study_id, deepcopy=False)
+
+
+def _process_worker(ctx: SweepContext, deadline: float | None, worker: int) -> None:
+    with contextlib.suppress(Exception):  # Linux: die with the controller, so a killed sweep leaves no orphans
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
+    if os.getppid() == 1:
+        return
+    try:
+        _worker_loop(ctx, deadline, None, worker)
+    except KeyboardInterrupt:
+        pass
+
+
+def records_from_study(study: optuna.Study) -> list[TrialRecord]:
+    """Every counted trial's record, rebuilt from the storage (the source of truth for trials.csv)."""
+    records = []
+    for t in _counted(study.get_trials(deepcopy=False)):
+        if t.state == TrialState.RUNNING:
+            continue
+        stored = t.user_attrs.get(_RECORD)
+        if stored:
+            records.append(TrialRecord(**stored))
+        else:
+            records.append(TrialRecord(t.number, _STATES[t.state], dict(t.params),
+                                       reason=str(t.user_attrs.get("sbsearch.reason", ""))))
+    return records
+
+
+def _views(study: optuna.Study, spec: Spec) -> list[TrialView]:
+    views = []
+    for t in _counted(study.get_trials(deepcopy=False)):
+        record = t.user_attrs.get(_RECORD)
+        value = t.value if t.state == TrialState.COMPLETE else (
+            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+        epoch = record["epochs_run"] if record else (max(t.intermediate_values) if t.intermediate_values else 0)
+        label = config_from_params(spec, {**{p.name: None for p in spec.space}, **t.params}).label() if t.params else ""
+        views.append(TrialView(t.number, _STATES.get(t.state, str(t.state)), value, epoch, label))
+    return views
+
+
+class OptunaBackend(Backend):
+    """Runs a sweep in this process (``search.parallel: 1``) or in worker processes."""
+
+    poll_seconds = 0.5
+
+    def run(self, ctx: SweepContext, progress: ProgressSink) -> list[TrialRecord]:
+        study = open_study(ctx.spec, ctx.out_dir, _direction(ctx))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # The controller holds the sweep lock, so a RUNNING trial is one an earlier, killed run left.
+            _mark_interrupted(ctx, study, t.number, "the previous controller died while this trial ran")
+        deadline = time.time() + ctx.spec.search.timeout if ctx.spec.search.timeout else None
+        if ctx.spec.search.parallel == 1:
+            self._run_in_thread(ctx, study, deadline, progress)
+        else:
+            self._run_in_processes(ctx, study, deadline, progress)
+        progress(_views(study, ctx.spec))
+        return records_from_study(study)
+
+    def _run_in_thread(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink) -> None:
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                _worker_loop(ctx, deadline, stop)
+            except BaseException as exc:  # surfaced in the controller's thread below
+                errors.append(exc)
+
+        worker = threading.Thread(target=target, name="sbsearch-trials", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                progress(_views(study, ctx.spec))
+                worker.join(self.poll_seconds)
+        except KeyboardInterrupt:
+            stop.set()
+            worker.join()
+            raise SweepInterrupted() from None
+        if errors:
+            raise errors[0]
+
+    def _run_in_processes(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink) -> None:
+        spawn = mp.get_context("spawn")
+        procs: list[Any] = []
+        started = [0]
+
+        def start_one() -> None:
+            started[0] += 1
+            p = spawn.Process(target=_process_worker, args=(ctx, deadline, started[0]), name="sbsearch-worker", daemon=True)
+            p.start()
+            procs.append(p)
+
+        for _ in range(ctx.spec.search.parallel):
+            start_one()
+        try:
+            while any(p.is_alive() for p in procs):
+                progress(_views(study, ctx.spec))
+                time.sleep(self.poll_seconds)
+                for p in [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]:
+                    procs.remove(p)
+                    self._bury(ctx, study, p.pid, p.exitcode)
+                    if len(_counted(study.get_trials(deepcopy=False))) < trial_budget(ctx.spec):
+                        start_one()
+        except KeyboardInterrupt:
+            for p in procs:
+                if p.is_alive() and p.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGINT)
+            for p in procs:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+                    self._bury(ctx, study, p.pid, None)
+            raise SweepInterrupted() from None
+
+    def _bury(self, ctx: SweepContext, study: optuna.Study, pid: int | None, exitcode: int | None) -> None:
+        """A worker process died (killed, out of memory): its running trial fails, and the sweep goes on."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("sbsearch.pid") == pid:
+                reason = f"worker process died (exit code {exitcode})"
+                record = TrialRecord(t.number, "FAIL", dict(t.params), reason=reason)
+                study._storage.set_trial_user_attr(t._trial_id, _RECORD, asdict(record))
+                study.tell(t.number, state=TrialState.FAIL)
+                if ctx.tracking is not None and ctx.parent_run_id is not None:
+                    tracker = Tracker(ctx.tracking)
+                    for run in tracker.trial_runs(ctx.parent_run_id):
+                        if run.data.tags.get("sbsearch.trial_number") == str(t.number):
+                            tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason})

@@ -1,0 +1,24 @@
+"""The registered symmetry-breaking strategies, by name.
+
+A spec names strategies and their knobs (``expansion.factor``) from this dict, never by import path.
+The order is the order in which they edit a model description.
+"""
+
+from __future__ import annotations
+
+from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
+from sbsearch.strategies.dropout import DROPOUT
+from sbsearch.strategies.expansion import EXPANSION, expand
+from sbsearch.strategies.norm import NORM
+
+__all__ = ["STRATEGIES", "Knob", "ModelDesc", "Settings", "Strategy", "expand", "apply_model_edits"]
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (EXPANSION, DROPOUT, NORM)}
+
+
+def apply_model_edits(desc: ModelDesc, settings: dict[str, dict[str, object]]) -> ModelDesc:
+    """Let every strategy edit the model description, in registry order."""
+    for name, strategy in STRATEGIES.items():
+        if strategy.edit_model is not None:
+            desc = strategy.edit_model(desc, settings[name])
+    return desc

@@ -1,0 +1,136 @@
+"""What a strategy is: named knobs, plus edits to the inputs or to a plain model description."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+__all__ = ["Knob", "Strategy", "ModelDesc", "Settings"]
+
+Settings = Mapping[str, object]
+"""One strategy's knob values, by knob name (``{"factor": 2, "fill": 0.5}``)."""
+
+KnobKind = Literal["int", "float", "choice", "bool"]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One searchable setting of a strategy, with its rule.
+
+    ``low``/``high`` bound numbers (``high`` exclusive when ``high_open``); ``choices`` lists the
+    allowed values of a ``choice`` knob.
+    """
+
+    name: str
+    kind: KnobKind
+    default: object
+    doc: str
+    choices: tuple[object, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+
+    def rule(self) -> str:
+        """The rule a value must follow, in the words of an error message."""
+        if self.kind == "choice":
+            return "must be one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "bool":
+            return "must be true or false"
+        noun = "an integer" if self.kind == "int" else "a finite number"
+        if self.low is not None and self.high is not None:
+            right = ")" if self.high_open else "]"
+            return f"must be {noun} in [{_num(self.low)}, {_num(self.high)}{right}"
+        if self.low is not None:
+            return f"must be {noun} >= {_num(self.low)}"
+        if self.high is not None:
+            return f"must be {noun} {'<' if self.high_open else '<='} {_num(self.high)}"
+        return f"must be {noun}"
+
+    def accepts(self, value: object) -> bool:
+        """True when ``value`` follows this knob's rule."""
+        if self.kind == "choice":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and value < self.low:
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def coerce(self, value: object) -> object:
+        """Normalise a value that ``accepts`` would reject only for its type (``1`` for a float)."""
+        if self.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class ModelDesc:
+    """A plain, buildable description of a network; strategies edit it, ``models`` builds it.
+
+    ``input_shape`` is ``(C, H, W)`` for images and ``(F,)`` for vectors.
+    """
+
+    arch: str
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    width: int = 16
+    depth: int = 2
+    kernel_size: int = 3
+    norm: str = "none"
+    dropout_rate: float = 0.0
+    dropout_kind: str = "element"
+    dropout_where: str = "all"
+    stem_stride: int = 1
+    stem_kernel: int = 3
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+
+InputTransform = Callable[[torch.Tensor, Settings], torch.Tensor]
+ModelEdit = Callable[[ModelDesc, Settings], ModelDesc]
+Compatibility = Callable[[Settings, str, str], "str | None"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered symmetry-breaking strategy.
+
+    Args:
+        name: the registered name; its knobs appear as ``<name>.<knob>`` everywhere.
+        doc: one line on what it does.
+        knobs: its settings with their rules and defaults.
+        edit_model: returns an edited model description for the given settings.
+        incompatible: given settings, model name and input kind (``image``/``vector``), says why the
+            strategy cannot apply, or returns ``None``.
+    """
+
+    name: str
+    doc: str
+    knobs: tuple[Knob, ...]
+    edit_model: ModelEdit | None = None
+    incompatible: Compatibility | None = None
+    knob_by_name: dict[str, Knob] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "knob_by_name", {k.name: k for k in self.knobs})
+
+    def defaults(self) -> dict[str, object]:
+        return {k.name: k.default for k in self.knobs}

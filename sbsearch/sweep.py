@@ -1,0 +1,219 @@
+"""A whole sweep: lock the output folder, open the records, run the backend, write the results.
+
+Results of a sweep in ``out_dir``: ``spec.yaml`` (the resolved spec), ``optuna.journal`` (the study),
+``trials.csv`` (one row per trial) and, by default, ``mlflow.db`` with ``mlartifacts/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from sbsearch.backends import SweepInterrupted, get_backend
+from sbsearch.data import DATASETS
+from sbsearch.errors import SbsearchError
+from sbsearch.progress import SweepDisplay, top_table
+from sbsearch.spec import Spec, spec_to_dict
+from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
+from sbsearch.trial import SweepContext, TrialRecord
+
+__all__ = ["SweepResult", "run_sweep", "default_out_dir", "write_trials_csv"]
+
+# Keys a resumed sweep may change without becoming a different sweep.
+_RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment"}
+
+
+@dataclass
+class SweepResult:
+    """What a finished sweep reports: every counted trial, the best one and where things went."""
+
+    spec: Spec
+    out_dir: Path
+    records: list[TrialRecord]
+    metric: str
+    direction: str
+    tracking_uri: str | None
+    parent_run_id: str | None
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def best(self) -> TrialRecord | None:
+        done = [r for r in self.records if r.state == "COMPLETE" and self.metric in r.final]
+        if not done:
+            return None
+        sign = 1 if self.direction == "maximize" else -1
+        return max(done, key=lambda r: sign * r.final[self.metric])
+
+
+def default_out_dir(spec: Spec) -> Path:
+    return Path("sbsearch-runs") / spec.name
+
+
+@contextlib.contextmanager
+def _sweep_lock(out_dir: Path) -> Iterator[None]:
+    handle = open(out_dir / ".sweep.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SbsearchError(f"--out: another sbsearch run is using {out_dir}; wait for it or choose another --out") from None
+        yield
+    finally:
+        handle.close()
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            keys += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return keys
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
+    path = out_dir / "spec.yaml"
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    changed = [k for k in _diff_keys(old, resolved) if k not in _RESUMABLE_CHANGES]
+    if changed:
+        raise SbsearchError(f"--out: {out_dir} holds a different sweep (its spec differs at {', '.join(changed[:5])}); "
+                            "resume it with its own spec or choose another --out")
+
+
+def write_trials_csv(path: Path, records: list[TrialRecord], searched: list[str]) -> None:
+    """One row per trial: number, state, parameters, final metrics, epochs run, seconds, reason."""
+    metric_keys = sorted({k for r in records for k in r.final})
+    columns = ["number", "state", *searched, *metric_keys, "epochs_run", "seconds", "reason", "mlflow_run_id"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for r in sorted(records, key=lambda r: r.number):
+            writer.writerow([r.number, r.state, *[r.params.get(k, "") for k in searched],
+                             *[_num(r.final.get(k)) for k in metric_keys], r.epochs_run, f"{r.seconds:.3f}",
+                             r.reason, r.run_id])
+    tmp.replace(path)  # a reader never sees half a file
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else repr(float(x))
+
+
+def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None = None,
+              console: Console | None = None, track: bool = True) -> SweepResult:
+    """Run (or resume) a sweep and write its results.
+
+    Args:
+        spec: the validated spec (command-line overrides already applied).
+        out_dir: where the study, ``trials.csv`` and the resolved spec go (default ``sbsearch-runs/<name>``).
+        tracking_uri: MLflow URI; default ``spec.tracking.uri``, else ``sqlite:///mlflow.db`` in the
+            working directory, or under ``out_dir`` when it was given.
+        console: where the progress display and the summary go.
+        track: log to MLflow (turned off only by tests of other parts).
+
+    Raises:
+        SbsearchError: when the records cannot be opened (before any training).
+        SweepInterrupted: on Ctrl-C, after saving state.
+
+    Example:
+        >>> result = run_sweep(load_spec("search_spaces/quickstart.yaml"), Path("out"))
+        >>> result.best.params
+        {'expansion.factor': 1, ...}
+    """
+    console = console or Console()
+    start = time.perf_counter()
+    explicit_out = out_dir is not None
+    out = (out_dir if out_dir is not None else default_out_dir(spec)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    metric, direction = DATASETS[spec.data.dataset].objective
+    resolved = spec_to_dict(spec)
+    with _sweep_lock(out):
+        _check_same_sweep(out, resolved)
+        spec_yaml = yaml.safe_dump(resolved, sort_keys=False)
+        (out / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
+        target, parent = None, None
+        uri = tracking_uri or spec.tracking.uri or default_tracking_uri(out if explicit_out else None)
+        tracker: Tracker | None = None
+        if track:
+            target = TrackingTarget(uri, spec.tracking.experiment or spec.name, (out / "mlartifacts").as_uri())
+            tracker = Tracker(target)
+            tracker.check_reachable()
+            parent = tracker.start_sweep(spec.name, resolved, sweep_key=f"{spec.name}@{out}", spec_yaml=spec_yaml)
+        import os
+
+        threads = spec.train.threads or max(1, (os.cpu_count() or 1) // spec.search.parallel)
+        ctx = SweepContext(spec, out, target, parent, threads)
+        from sbsearch.backends.optuna import trial_budget
+
+        budget = trial_budget(spec)
+        searched = [p.name for p in spec.searched]
+        try:
+            with SweepDisplay(console, budget, metric, direction) as display:
+                records = get_backend(spec.search.backend).run(ctx, display)
+        except SweepInterrupted:
+            if tracker is not None and parent is not None:
+                tracker.client.set_terminated(parent, status="KILLED")
+            raise
+        finally:
+            # Whatever happened, what finished is on disk in a form people can open.
+            with contextlib.suppress(Exception):
+                from sbsearch.backends.optuna import open_study, records_from_study
+
+                write_trials_csv(out / "trials.csv", records_from_study(open_study(spec, out, direction)), searched)
+        result = SweepResult(spec, out, records, metric, direction, uri if track else None, parent,
+                             time.perf_counter() - start)
+        result.counts = {s: sum(r.state == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        write_trials_csv(out / "trials.csv", records, searched)
+        if tracker is not None and parent is not None:
+            best = result.best
+            summary: dict[str, float] = {f"trials_{s.lower()}": float(n) for s, n in result.counts.items()}
+            summary["trials_total"] = float(len(records))
+            summary["epochs_total"] = float(sum(r.epochs_run for r in records))
+            summary["sweep_seconds"] = result.seconds
+            tags = {"sbsearch.state": "FINISHED"}
+            if best is not None:
+                summary[f"best_{metric}"] = best.final[metric]
+                summary["best_trial"] = float(best.number)
+                tags["sbsearch.best_params"] = str(best.params)
+            tracker.log_artifact(parent, out / "trials.csv")
+            tracker.end_sweep(parent, summary, tags)
+    return result
+
+
+def print_summary(result: SweepResult, console: Console) -> None:
+    """The top trials, the best configuration, and where to look next."""
+    sign = 1 if result.direction == "maximize" else -1
+    rows = []
+    for r in result.records:
+        if r.state == "COMPLETE" and result.metric in r.final and math.isfinite(r.final[result.metric]):
+            rows.append({"number": r.number, result.metric: r.final[result.metric], "epochs_run": r.epochs_run,
+                         "seconds": r.seconds, **r.params})
+    rows.sort(key=lambda row: -sign * row[result.metric])
+    searched = [p.name for p in result.spec.searched]
+    c = result.counts
+    console.print(f"\n[bold]{result.spec.name}[/bold]: {len(result.records)} trials in {result.seconds:.0f} s — "
+                  f"{c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed")
+    if rows:
+        console.print(top_table(rows, result.metric, searched))
+    best = result.best
+    if best is not None:
+        console.print(f"[bold]Best configuration[/bold] (trial {best.number}, {result.metric} = {best.final[result.metric]:.4f}):")
+        for k in searched:
+            console.print(f"  {k}: {best.params.get(k)}", highlight=False)
+    console.print(f"Results: {result.out_dir}/trials.csv, study {result.out_dir}/optuna.journal", highlight=False)
+    if result.tracking_uri:
+        console.print(f"MLflow:  mlflow ui --backend-store-uri {result.tracking_uri}   (then open http://127.0.0.1:5000)",
+                      highlight=False)

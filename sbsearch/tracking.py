@@ -1,0 +1,205 @@
+"""MLflow records: one parent run per sweep, one nested child run per trial.
+
+The only module that imports MLflow. Every write goes through ``MlflowClient`` with an explicit run id
+(so worker processes can nest their runs under the sweep's parent) and is retried when SQLite says
+"database is locked".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sbsearch.errors import SbsearchError
+
+__all__ = ["TrackingTarget", "Tracker", "default_tracking_uri", "TRIAL_STATES"]
+
+TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL")
+T = TypeVar("T")
+
+# MLflow keeps param values to 6000 characters; ours are short, but a spec's name can be anything.
+_MAX_PARAM = 500
+
+
+def default_tracking_uri(out_dir: Path | None) -> str:
+    """``sqlite:///mlflow.db`` in the working directory, or under ``out_dir`` when one was given."""
+    base = out_dir if out_dir is not None else Path.cwd()
+    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where to log: picklable, so each trial process opens its own client."""
+
+    uri: str
+    experiment: str
+    artifact_root: str  # absolute file URI for new experiments
+
+
+def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # MLflow wraps SQLAlchemy's OperationalError in MlflowException
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    """Writes a sweep's runs to an MLflow tracking store.
+
+    Example:
+        >>> tracker = Tracker(TrackingTarget("sqlite:///mlflow.db", "demo", "file:///tmp/art"))
+        >>> parent = tracker.start_sweep("demo", {"name": "demo"}, sweep_key="demo@/tmp/out")
+        >>> child = tracker.start_trial(parent, 0, {"expansion.factor": 2}, "trial-000 K=2")
+    """
+
+    def __init__(self, target: TrackingTarget) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.target = target
+        self.client = MlflowClient(tracking_uri=target.uri)
+        self._experiment_id: str | None = None
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def check_reachable(self) -> None:
+        """Fail fast, before any training, when the store cannot be reached or written.
+
+        Raises:
+            SbsearchError: one line naming the URI and what went wrong.
+        """
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+        try:
+            self.experiment_id()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SbsearchError(
+                f"tracking.uri: the MLflow store must be reachable, but {self.target.uri!r} failed: {first[:200]}"
+            ) from None
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = _retry(lambda: self.client.get_experiment_by_name(self.target.experiment))
+            if exp is None:
+                try:
+                    self._experiment_id = _retry(
+                        lambda: self.client.create_experiment(self.target.experiment, artifact_location=self.target.artifact_root)
+                    )
+                except Exception:  # another process created it first
+                    exp = self.client.get_experiment_by_name(self.target.experiment)
+                    if exp is None:
+                        raise
+                    self._experiment_id = exp.experiment_id
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    # --- the sweep's parent run -------------------------------------------------------------------
+    def start_sweep(self, name: str, spec: Mapping[str, Any], sweep_key: str, spec_yaml: str = "") -> str:
+        """Create the sweep's parent run, or find it again when the sweep is resumed."""
+        found = self._find_runs(f"tags.`sbsearch.sweep_key` = '{_quote(sweep_key)}' and tags.`sbsearch.role` = 'sweep'")
+        if found:
+            run_id = found[0].info.run_id
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        tags = {"sbsearch.sweep_key": sweep_key, "sbsearch.role": "sweep"}
+        run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=f"sweep {name}", tags=tags))
+        run_id = run.info.run_id
+        self._log(run_id, params=_flatten(spec, skip=("space",)))
+        if spec_yaml:
+            _retry(lambda: self.client.log_text(run_id, spec_yaml, "spec.yaml"))
+        return run_id
+
+    def end_sweep(self, run_id: str, summary: Mapping[str, float], tags: Mapping[str, str], status: str = "FINISHED") -> None:
+        self._log(run_id, metrics=summary, tags=tags)
+        _retry(lambda: self.client.set_terminated(run_id, status=status))
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+
+    # --- one trial's child run --------------------------------------------------------------------
+    def start_trial(self, parent_id: str, number: int, params: Mapping[str, Any], run_name: str) -> str:
+        """Create the child run of trial ``number``; a run left over from an interrupted attempt of
+        the same trial is reused, so a trial never has two runs."""
+        found = self._find_runs(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`sbsearch.trial_number` = '{number}'")
+        if found:
+            run_id = found[0].info.run_id
+            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            return run_id
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags = {MLFLOW_PARENT_RUN_ID: parent_id, "sbsearch.trial_number": str(number), "sbsearch.role": "trial",
+                "sbsearch.state": "RUNNING"}
+        run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags))
+        self._log(run.info.run_id, params={**{k: _param(v) for k, v in params.items()}, "trial.number": str(number)})
+        return run.info.run_id
+
+    def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        self._log(run_id, metrics=metrics, step=step)
+
+    def end_trial(self, run_id: str, state: str, final: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        assert state in TRIAL_STATES, state
+        self._log(run_id, metrics={f"final.{k}": v for k, v in final.items()}, tags={"sbsearch.state": state, **tags})
+        _retry(lambda: self.client.set_terminated(run_id, status="FAILED" if state == "FAIL" else "FINISHED"))
+
+    # --- reading back -----------------------------------------------------------------------------
+    def trial_runs(self, parent_id: str) -> list[Any]:
+        return self._find_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+    def _find_runs(self, filter_string: str) -> list[Any]:
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = _retry(lambda: self.client.search_runs([self.experiment_id()], filter_string, max_results=1000, page_token=token))
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _log(self, run_id: str, metrics: Mapping[str, float] | None = None, params: Mapping[str, str] | None = None,
+             tags: Mapping[str, str] | None = None, step: int = 0) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        p = [Param(k, str(v)[:_MAX_PARAM]) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(m), 1), 900):  # MLflow takes at most 1000 metrics per batch
+            _retry(lambda: self.client.log_batch(run_id, metrics=m[i : i + 900], params=p if i == 0 else (),
+                                                 tags=t if i == 0 else (), synchronous=True))
+
+
+def _param(value: Any) -> str:
+    return repr(value) if isinstance(value, str) and value == "" else str(value)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+def _flatten(tree: Mapping[str, Any], skip: tuple[str, ...] = (), prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if key in skip:
+            continue
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, (), f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
