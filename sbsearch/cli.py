@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"search.trials": args.trials, "train.epochs": args.epochs, "seed": args.seed,
-            "search.backend": args.backend, "search.parallel": getattr(args, "parallel", None)}
+            "search.backend": args.backend, "search.parallel": getattr(args, "parallel", None),
+            "ray.address": getattr(args, "address", None)}
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -43,7 +44,7 @@ def _load(args: argparse.Namespace) -> Any:
         return with_overrides(spec, _overrides(args))
     except SpecError as exc:  # name the flag, not only the key it sets
         flags = {"search.trials": "--trials", "train.epochs": "--epochs", "seed": "--seed",
-                 "search.backend": "--backend", "search.parallel": "--parallel"}
+                 "search.backend": "--backend", "search.parallel": "--parallel", "ray.address": "--address"}
         raise SpecError([Problem(f"{flags.get(p.path, p.path)}", p.rule, p.value, p.hint) for p in exc.problems]) from None
 
 
@@ -66,6 +67,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"  sbsearch {' '.join(sys.argv[1:]) if sys.argv[1:] else 'run ' + args.spec}", highlight=False)
         return EXIT_INTERRUPTED
     print_summary(result, console)
+    try:  # the sweep's results are safe on disk already; a report that fails must not fail the sweep
+        from sbsearch.report import write_report
+
+        page = write_report(result.out_dir, result.tracking_uri, result.parent_run_id)
+        console.print(f"Report:  {page}", highlight=False)
+    except Exception as exc:
+        console.print(f"Report:  not written ({type(exc).__name__}: {str(exc)[:200]}); retry with "
+                      f"sbsearch report {result.out_dir}", highlight=False)
+    if result.stopped_because:
+        print(f"error: {result.stopped_because}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sbsearch.report import write_report
+
+    page = write_report(Path(args.out_dir), args.tracking_uri)
+    print(f"Report: {page}")
     return EXIT_OK
 
 
@@ -89,11 +109,12 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
     table = Table(header_style="bold", show_lines=False)
     for col in ("knob", "type", "default", "allowed values", "meaning"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "knob")
     for name, strategy in STRATEGIES.items():
         for knob in strategy.knobs:
             table.add_row(f"{name}.{knob.name}", knob.kind, repr(knob.default), knob.rule().removeprefix("must be "), knob.doc)
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 160) if not console.is_terminal else None).print(table)
     return EXIT_OK
 
 
@@ -102,17 +123,48 @@ def _add_spec_args(p: argparse.ArgumentParser, run: bool) -> None:
     p.add_argument("--trials", type=int, help="override search.trials")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--seed", type=int, help="override seed")
-    p.add_argument("--backend", help="override search.backend (optuna)")
+    p.add_argument("--backend", help="override search.backend (optuna or ray)")
     if run:
         p.add_argument("--parallel", type=int, help="override search.parallel")
         p.add_argument("--out", help="folder for the study, trials.csv and artifacts (default sbsearch-runs/<name>)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db, under --out when given)")
+        p.add_argument("--address", help="Ray cluster to join with --backend ray (host:port or auto; default: start Ray here)")
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from sbsearch.rank import check_rank_args, format_ranking, rank_configs, write_ranking
+    from sbsearch.sweep import default_out_dir
+
+    check_rank_args(args.configs, args.steps, args.subset)
+    spec = _load(args)
+    out = Path(args.out) if args.out else default_out_dir(spec) / "rank"
+
+    def progress(done: int, row: Any) -> None:
+        print(f"  {done}/{args.configs}  {row.label or '(fixed)'}: sb_score={row.score:.4f}  ({row.seconds:.1f} s)",
+              file=sys.stderr)
+
+    ranking = rank_configs(spec, args.configs, args.steps, args.subset, progress)
+    path, run_id = write_ranking(ranking, spec, out, args.tracking_uri)
+    print(format_ranking(ranking))
+    print(f"\nRanking: {path}" + (f" (MLflow run {run_id})" if run_id else ""))
+    return EXIT_OK
+
+
+def cmd_relog(args: argparse.Namespace) -> int:
+    from sbsearch.sweep import relog_sweep
+
+    written, present = relog_sweep(Path(args.out_dir), args.tracking_uri)
+    print(f"relogged {written} trials to MLflow ({present} were there already)")
+    return EXIT_OK
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "run (or resume) a sweep"),
     "validate": (cmd_validate, "check a spec and print it resolved, with the size of its search space"),
     "strategies": (cmd_strategies, "list the registered strategies with their knobs"),
+    "report": (cmd_report, "write a sweep's HTML report with plots (OUT_DIR/report/index.html) and log it to MLflow"),
+    "relog": (cmd_relog, "write to MLflow the trials a sweep holds that the store missed (after it was down)"),
+    "rank": (cmd_rank, "rank sampled configurations by the replica score after a few steps on part of the data"),
 }
 
 
@@ -124,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in ("run", "validate"):
             _add_spec_args(p, run=name == "run")
+        if name == "relog":
+            p.add_argument("out_dir", help="the sweep's output folder (its --out)")
+            p.add_argument("--tracking-uri", help="the MLflow store (default: the one the sweep used)")
+        if name == "rank":
+            p.add_argument("spec", help="path to the spec YAML")
+            p.add_argument("--configs", type=int, default=10, help="configurations to sample (default 10)")
+            p.add_argument("--steps", type=int, default=50, help="optimiser steps per configuration (default 50)")
+            p.add_argument("--subset", type=float, default=0.25, help="share of the training data used (default 0.25)")
+            p.add_argument("--seed", type=int, help="override seed (which configurations are drawn)")
+            p.add_argument("--out", help="folder for ranking.csv (default sbsearch-runs/<name>/rank)")
+            p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db under --out)")
+            p.set_defaults(trials=None, epochs=None, backend=None)
+        if name == "report":
+            p.add_argument("out_dir", help="the sweep's output folder (its --out)")
+            p.add_argument("--tracking-uri", help="the sweep's MLflow store (default: the spec's, else mlflow.db "
+                           "under OUT_DIR or in the working directory)")
     return parser
 
 

@@ -1,21 +1,39 @@
 """Data sets and the input side of the strategies: load, split by seed, expand, normalise.
 
-Every loader returns raw inputs (images in [0, 1]) with a fixed train/validation split; ``prepare``
-then applies the trial's expansion and the normalisation, in the order the spec asks for.
+Every loader returns raw inputs (images in [0, 1], vectors in their own units, function inputs on the
+spec's domain) with a fixed train/validation split; ``prepare`` then applies the trial's expansion
+and the normalisation, in the order the spec asks for.
+
+Registered data sets (``DATASETS``):
+
+- ``digits``: scikit-learn's 1797 8x8 handwritten digits, (1, 8, 8) images, 10 classes.
+- ``iris``, ``wine``, ``breast_cancer``: scikit-learn's tabular sets as vectors of 4, 13 and 30
+  features (standardised per feature by ``prepare``), 3, 3 and 2 classes.
+- ``fn_smooth``, ``fn_highfreq``, ``fn_step``, ``fn_abs``: 1-D function approximation (regression,
+  mean squared error) on ``domain``; see ``FUNCTIONS``.
+- ``cifar10``, ``cifar100``, ``fgvc_aircraft``, ``dtd``: torchvision sets from a local ``root``
+  (downloaded there only when asked), images resized to ``image_size``.
+- ``imagefolder``: one sub-folder of images per class under ``root``.
+- ``fakedata``: torchvision's FakeData, random images and labels of configurable size (tests and
+  benchmarks of big models).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sbsearch.strategies import Settings, expand
 
-__all__ = ["Split", "DatasetInfo", "DATASETS", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "FUNCTIONS", "DataOptions", "DatasetInfo", "Split", "load_dataset", "prepare"]
 
 Task = Literal["classification", "regression"]
 
@@ -52,48 +70,43 @@ class Split:
         return "maximize" if self.task == "classification" else "minimize"
 
 
-def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
-    for label in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        n_val = int(round(len(idx) * val_fraction))
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+@dataclass(frozen=True)
+class DataOptions:
+    """How to load a data set, beyond the split (the ``data`` section of the spec, resolved).
+
+    Each data set reads only the options that concern it: ``root``/``download`` the torchvision sets
+    and ``imagefolder``; ``image_size`` every image set; ``domain``/``sampling``/``points`` the
+    function sets; ``fake_samples``/``fake_classes`` ``fakedata``.
+    """
+
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    domain: tuple[float, float] = (-1.0, 1.0)
+    sampling: str = "grid"  # "grid" | "random"
+    points: int = 100
+    fake_samples: int = 512
+    fake_classes: int = 10
 
 
-def _load_digits(val_fraction: float, seed: int) -> Split:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    y = np.asarray(bunch.target)
-    train, val = _stratified_split(y, val_fraction, seed)
-    x_train = x[train]
-    return Split(
-        name="digits",
-        x_train=x_train,
-        y_train=torch.as_tensor(y[train], dtype=torch.int64),
-        x_val=x[val],
-        y_val=torch.as_tensor(y[val], dtype=torch.int64),
-        task="classification",
-        num_outputs=10,
-        mean=x_train.mean(dim=(0, 2, 3)),
-        std=x_train.std(dim=(0, 2, 3)),
-    )
-
-
-Loader = Callable[[float, int], Split]
+Loader = Callable[[float, int, DataOptions], Split]
+Availability = Callable[[DataOptions], "str | None"]
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A registered data set: how to load it, and what is known before loading it."""
+    """A registered data set: how to load it, and what is known before loading it.
+
+    ``needs_root`` data sets read their files from ``DataOptions.root``; ``missing(options)`` says,
+    without loading anything, which files are absent (``None`` when the data set can load).
+    """
 
     loader: Loader
     task: Task
     input_kind: Literal["image", "vector"]
+    doc: str = ""
+    needs_root: bool = False
+    missing: Availability | None = None
 
     @property
     def objective(self) -> tuple[str, Literal["maximize", "minimize"]]:
@@ -103,11 +116,284 @@ class DatasetInfo:
         return "val_mse", "minimize"
 
 
-DATASETS: dict[str, DatasetInfo] = {"digits": DatasetInfo(_load_digits, "classification", "image")}
+# --- classification sets ---------------------------------------------------------------------
+
+
+def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        n_val = round(len(idx) * val_fraction)
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def _classification_split(name: str, x: torch.Tensor, y: np.ndarray, num_classes: int,
+                          val_fraction: float, seed: int) -> Split:
+    """Split (N, C, H, W) images or (N, F) vectors by class, with statistics of the training part."""
+    train, val = _stratified_split(y, val_fraction, seed)
+    x_train = x[train]
+    dims = (0, 2, 3) if x.dim() == 4 else (0,)
+    return Split(
+        name=name,
+        x_train=x_train,
+        y_train=torch.as_tensor(y[train], dtype=torch.int64),
+        x_val=x[val],
+        y_val=torch.as_tensor(y[val], dtype=torch.int64),
+        task="classification",
+        num_outputs=num_classes,
+        mean=x_train.mean(dim=dims),
+        std=x_train.std(dim=dims),
+    )
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or (x.shape[-2], x.shape[-1]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _load_digits(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    return _classification_split("digits", _resize(x, options.image_size), np.asarray(bunch.target), 10,
+                                 val_fraction, seed)
+
+
+def _tabular(name: str) -> Loader:
+    def load(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+        import sklearn.datasets
+
+        bunch = getattr(sklearn.datasets, f"load_{name}")()
+        x = torch.tensor(bunch.data, dtype=torch.float32)  # (N, F), raw units; prepare standardises
+        y = np.asarray(bunch.target)
+        return _classification_split(name, x, y, int(y.max()) + 1, val_fraction, seed)
+
+    return load
+
+
+# --- 1-D function approximation --------------------------------------------------------------
+
+FunctionOnUnit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _smooth(t: torch.Tensor) -> torch.Tensor:
+    return torch.sin(2 * math.pi * t)
+
+
+def _highfreq(t: torch.Tensor) -> torch.Tensor:
+    return torch.sin(2 * math.pi * t) + 0.5 * torch.sin(20 * math.pi * t)
+
+
+def _step(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t < 0.5, -0.5, 0.5) + 0.5 * torch.sin(2 * math.pi * t)
+
+
+def _abs(t: torch.Tensor) -> torch.Tensor:
+    return (4 * t - 2).abs() - 1
+
+
+FUNCTIONS: dict[str, tuple[FunctionOnUnit, str]] = {
+    "fn_smooth": (_smooth, "sin(2 pi t): smooth, one period"),
+    "fn_highfreq": (_highfreq, "sin(2 pi t) + 0.5 sin(20 pi t): a slow wave plus ten fast periods"),
+    "fn_step": (_step, "a jump of 1 at t = 0.5 on top of 0.5 sin(2 pi t): discontinuous"),
+    "fn_abs": (_abs, "|4t - 2| - 1: a V with a kink at t = 0.5, not differentiable there"),
+}
+"""The function data sets: f(t) on t in [0, 1], with t = (x - low) / (high - low) for x in the domain.
+
+The target curve is the same whatever the domain, so changing ``domain`` changes only the scale and
+offset of the input the network sees, which is what decides whether constant inputs help.
+"""
+
+VALIDATION_POINTS = 1000
+"""Function sets validate on this many evenly spaced points across the whole domain."""
+
+
+def _function(name: str) -> Loader:
+    f = FUNCTIONS[name][0]
+
+    def load(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+        # val_fraction is not used: the fit is judged on a dense grid over the domain, so the metric
+        # measures the whole curve, between training points too.
+        low, high = options.domain
+        if options.sampling == "grid":
+            t_train = torch.linspace(0, 1, options.points, dtype=torch.float64)
+        else:
+            assert options.sampling == "random", options.sampling
+            rng = np.random.default_rng(seed)
+            t_train = torch.as_tensor(np.sort(rng.uniform(0, 1, options.points)))
+        t_val = torch.linspace(0, 1, VALIDATION_POINTS, dtype=torch.float64)
+
+        def inputs(t: torch.Tensor) -> torch.Tensor:
+            return (low + (high - low) * t).to(torch.float32).unsqueeze(1)  # (N, 1)
+
+        return Split(
+            name=name,
+            x_train=inputs(t_train),
+            y_train=f(t_train).to(torch.float32).unsqueeze(1),  # (N, 1)
+            x_val=inputs(t_val),
+            y_val=f(t_val).to(torch.float32).unsqueeze(1),
+            task="regression",
+            num_outputs=1,
+            # The domain is the point of these tasks: standardising the input would erase it.
+            mean=torch.zeros(1),
+            std=torch.ones(1),
+        )
+
+    return load
+
+
+# --- torchvision sets ------------------------------------------------------------------------
+
+DEFAULT_VARIABLE_IMAGE_SIZE = 64
+"""Side length for sets whose images vary in size (FGVC-Aircraft, DTD, imagefolder) when none is given."""
+
+_TORCHVISION_FILES = {
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "fgvc_aircraft": "fgvc-aircraft-2013b",
+    "dtd": os.path.join("dtd", "dtd"),
+}
+
+
+def _torchvision_missing(name: str) -> Availability:
+    def missing(options: DataOptions) -> str | None:
+        if options.root is None:
+            return "needs data.root"
+        folder = Path(options.root) / _TORCHVISION_FILES[name]
+        if options.download or folder.is_dir():
+            return None
+        return f"{folder} is missing; set data.download: true to fetch it there"
+
+    return missing
+
+
+def _images_to_tensor(dataset: Any, size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode a torchvision data set of PIL images into (N, 3, size, size) in [0, 1] and its labels."""
+    from torchvision import transforms
+
+    dataset.transform = transforms.Compose([
+        transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.Resize(size),  # the shorter side, keeping the aspect ratio
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+    ])
+    import multiprocessing
+
+    # Decoding JPEGs dominates; worker processes help, except inside a daemonic sweep worker,
+    # which may not have children.
+    workers = 0 if multiprocessing.current_process().daemon else min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=workers)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys).numpy()
+
+
+def _load_cifar(name: str) -> Loader:
+    def load(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+        from torchvision import datasets
+
+        assert options.root is not None, "checked by the spec"
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        # Only the official training set is used: validation is held out of it, the test set is never seen.
+        ds = cls(options.root, train=True, download=options.download)
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0  # (50000, 3, 32, 32)
+        y = np.asarray(ds.targets)
+        return _classification_split(name, _resize(x, options.image_size), y, len(ds.classes), val_fraction, seed)
+
+    return load
+
+
+def _load_fgvc_aircraft(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    from torchvision import datasets
+
+    assert options.root is not None, "checked by the spec"
+    ds = datasets.FGVCAircraft(options.root, split="trainval", download=options.download)
+    x, y = _images_to_tensor(ds, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE)
+    return _classification_split("fgvc_aircraft", x, y, len(ds.classes), val_fraction, seed)
+
+
+def _load_dtd(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    from torchvision import datasets
+
+    assert options.root is not None, "checked by the spec"
+    parts = [datasets.DTD(options.root, split=s, partition=1, download=options.download) for s in ("train", "val")]
+    size = options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
+    decoded = [_images_to_tensor(p, size) for p in parts]
+    x, y = torch.cat([d[0] for d in decoded]), np.concatenate([d[1] for d in decoded])
+    return _classification_split("dtd", x, y, len(parts[0].classes), val_fraction, seed)
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _imagefolder_missing(options: DataOptions) -> str | None:
+    if options.root is None:
+        return "needs data.root"
+    root = Path(options.root)
+    if not root.is_dir():
+        return f"{root} is not a folder"
+    classes = [d for d in root.iterdir() if d.is_dir()]
+    if not classes:
+        return f"{root} has no class sub-folders (one folder of images per class)"
+    if not any(f.suffix.lower() in _IMAGE_SUFFIXES for d in classes for f in d.iterdir()):
+        return f"{root} has no images in its class sub-folders"
+    return None
+
+
+def _load_imagefolder(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    from torchvision import datasets
+
+    assert options.root is not None, "checked by the spec"
+    ds = datasets.ImageFolder(options.root)
+    x, y = _images_to_tensor(ds, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE)
+    return _classification_split("imagefolder", x, y, len(ds.classes), val_fraction, seed)
+
+
+def _load_fakedata(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    from torchvision import datasets, transforms
+
+    size = options.image_size or 32
+    # random_offset ties the images to the seed: the same seed gives the same images.
+    ds = datasets.FakeData(options.fake_samples, (3, size, size), options.fake_classes,
+                           transform=transforms.ToTensor(), random_offset=seed * options.fake_samples)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])  # (N, 3, size, size) in [0, 1]
+    y = np.array([ds[i][1] for i in range(len(ds))])
+    return _classification_split("fakedata", x, y, options.fake_classes, val_fraction, seed)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(_load_digits, "classification", "image", "scikit-learn 8x8 digits, 10 classes"),
+    "iris": DatasetInfo(_tabular("iris"), "classification", "vector", "scikit-learn iris: 4 features, 3 classes"),
+    "wine": DatasetInfo(_tabular("wine"), "classification", "vector", "scikit-learn wine: 13 features, 3 classes"),
+    "breast_cancer": DatasetInfo(_tabular("breast_cancer"), "classification", "vector",
+                                 "scikit-learn breast cancer: 30 features, 2 classes"),
+    **{name: DatasetInfo(_function(name), "regression", "vector", doc) for name, (_, doc) in FUNCTIONS.items()},
+    "cifar10": DatasetInfo(_load_cifar("cifar10"), "classification", "image", "CIFAR-10 from data.root",
+                           needs_root=True, missing=_torchvision_missing("cifar10")),
+    "cifar100": DatasetInfo(_load_cifar("cifar100"), "classification", "image", "CIFAR-100 from data.root",
+                            needs_root=True, missing=_torchvision_missing("cifar100")),
+    "fgvc_aircraft": DatasetInfo(_load_fgvc_aircraft, "classification", "image",
+                                 "FGVC-Aircraft (100 variants) from data.root", needs_root=True,
+                                 missing=_torchvision_missing("fgvc_aircraft")),
+    "dtd": DatasetInfo(_load_dtd, "classification", "image", "Describable Textures (47 classes) from data.root",
+                       needs_root=True, missing=_torchvision_missing("dtd")),
+    "imagefolder": DatasetInfo(_load_imagefolder, "classification", "image",
+                               "one sub-folder of images per class under data.root", needs_root=True,
+                               missing=_imagefolder_missing),
+    "fakedata": DatasetInfo(_load_fakedata, "classification", "image",
+                            "torchvision FakeData: random images and labels"),
+}
 """Registered data sets by name."""
 
 
-def load_dataset(name: str, val_fraction: float, seed: int) -> Split:
+def load_dataset(name: str, val_fraction: float, seed: int, options: DataOptions | None = None) -> Split:
     """Load a registered data set with a train/validation split fixed by ``seed``.
 
     Example:
@@ -115,7 +401,7 @@ def load_dataset(name: str, val_fraction: float, seed: int) -> Split:
         >>> split.x_train.shape[1:]
         torch.Size([1, 8, 8])
     """
-    return DATASETS[name].loader(val_fraction, seed)
+    return DATASETS[name].loader(val_fraction, seed, options or DataOptions())
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ __all__ = [
     "LiftingConv2d",
     "act_on_group_features",
     "act_on_image",
+    "act_on_image_batch",
     "assert_equivariant",
     "equivariance_errors",
     "get_group",
@@ -184,6 +185,22 @@ def act_on_group_features(group: Group | str, g: int, x: Tensor) -> Tensor:
     g_inverse = group.inverse[g]
     source = torch.tensor([group.table[g_inverse][h] for h in range(group.order)], device=x.device)
     return _transform_image(group.elements[g], x.index_select(-3, source))
+
+
+def act_on_image_batch(group: Group | str, elements: Tensor, x: Tensor) -> Tensor:
+    """Transform each image of a batch ``x`` (B, C, H, W) by its own element ``elements[b]`` (B,).
+
+    Used to augment training batches with random rotations (and flips); needs square images.
+    """
+    group = get_group(group)
+    assert x.dim() == 4 and x.shape[-1] == x.shape[-2], f"expected square (B, C, H, W), got {tuple(x.shape)}"
+    assert elements.shape == (x.shape[0],), f"expected one element per image, got {tuple(elements.shape)}"
+    out = x.clone()
+    for g in range(1, group.order):
+        chosen = (elements == g).nonzero().squeeze(1).to(x.device)
+        if chosen.numel():
+            out[chosen] = _transform_image(group.elements[g], x[chosen])
+    return out
 
 
 def grid_is_symmetric(size: int, kernel_size: int, stride: int = 1, padding: int = 0) -> bool:

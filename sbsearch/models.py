@@ -1,15 +1,49 @@
-"""The model builder: the only place that turns a plain ``ModelDesc`` into ``nn.Module``s."""
+"""The model builder: the only place that turns a plain ``ModelDesc`` into ``nn.Module``s.
+
+Registered architectures (``MODELS``): ``mlp``, ``small_cnn`` (with optional group-equivariant blocks)
+and torchvision classifiers by name (``resnet18``, ``densenet121``, ``mobilenet_v3_small``; another
+torchvision classifier is one ``TORCHVISION_MODELS`` entry), built without pretrained weights and
+adapted to the data: ``num_classes``, the first conv replaced when the images do not have 3 channels, the stem
+adapted to expanded inputs, a ``cifar_stem`` option, the spec's normalisation and dropout.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sbsearch.strategies import ModelDesc
+from sbsearch.group_conv import GroupBatchNorm, GroupConv2d, GroupPool, LiftingConv2d
+from sbsearch.strategies import ModelDesc, apply_model_edits, input_expansion, replaces_expansion
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = [
+    "INPUT_KINDS",
+    "MODELS",
+    "TORCHVISION_MODELS",
+    "build_model",
+    "constant_bias_energy",
+    "count_parameters",
+    "describe_model",
+    "first_layer",
+    "first_layer_bias_name",
+    "match_first_width",
+]
+
+FROZEN_MASK, FROZEN_VALUE = "_frozen_mask", "_frozen_value"
+"""Suffixes of the buffers that hold a weight's frozen entries (``0.weight_frozen_mask``)."""
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+
+def _norm_groups(channels: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
 def _norm_layer(kind: str, channels: int, image: bool) -> nn.Module:
@@ -18,8 +52,7 @@ def _norm_layer(kind: str, channels: int, image: bool) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels) if image else nn.BatchNorm1d(channels)
     if kind == "group":
-        groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-        return nn.GroupNorm(groups, channels)
+        return nn.GroupNorm(_norm_groups(channels), channels)
     if kind == "layer":
         # For feature maps, GroupNorm with one group is LayerNorm over (C, H, W) of each sample.
         return nn.GroupNorm(1, channels) if image else nn.LayerNorm(channels)
@@ -34,58 +67,228 @@ def _dropout_layer(desc: ModelDesc, image: bool) -> nn.Module:
     return nn.Dropout(desc.dropout_rate)
 
 
+class GroupFeatureNorm(nn.Module):
+    """Group or layer norm of a group feature map (B, C, |G|, H, W), exactly equivariant.
+
+    Each normalisation group holds whole fields (a channel with all its |G| maps), and the affine
+    parameters are per channel, shared over the group axis; a per-(channel, element) affine would
+    break equivariance.
+    """
+
+    def __init__(self, num_groups: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        assert channels % num_groups == 0, (channels, num_groups)
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.group_norm(x, self.num_groups, eps=self.eps)  # (B, C, |G|, H, W), stats per group of fields
+        return y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
+
+
+def _group_norm_layer(kind: str, channels: int, group: str) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return GroupBatchNorm(channels, group)
+    return GroupFeatureNorm(_norm_groups(channels) if kind == "group" else 1, channels)
+
+
+def _group_dropout_layer(desc: ModelDesc) -> nn.Module:
+    if desc.dropout_rate == 0.0:
+        return nn.Identity()
+    # Dropout3d drops a channel's whole (|G|, H, W) block, so each mask keeps equivariance exactly.
+    return nn.Dropout3d(desc.dropout_rate) if desc.dropout_kind == "channel" else nn.Dropout(desc.dropout_rate)
+
+
+def _equivariant_blocks(desc: ModelDesc) -> int:
+    """How many of the first conv blocks are group convolutions."""
+    return {"none": 0, "stem": 1, "early": math.ceil(desc.depth / 2), "all": desc.depth}[desc.equivariant_layers]
+
+
+# --- mlp and small_cnn ---------------------------------------------------------------------------
+
+
 def _small_cnn(desc: ModelDesc) -> nn.Module:
     assert desc.is_image, "small_cnn needs image inputs"
     channels, layers = desc.input_shape[0], []
     block_dropout = desc.dropout_where == "all"
+    group_blocks, group = _equivariant_blocks(desc), desc.equivariant_group
     for i in range(desc.depth):
-        out = desc.width * 2 ** min(i, 2)
+        out = desc.first_width if i == 0 and desc.first_width else desc.width * 2 ** min(i, 2)
         kernel = desc.stem_kernel if i == 0 else desc.kernel_size
         stride = desc.stem_stride if i == 0 else 1
-        layers += [
-            nn.Conv2d(channels, out, kernel, stride=stride, padding=kernel // 2, bias=desc.norm == "none"),
-            _norm_layer(desc.norm, out, image=True),
-            nn.ReLU(),
-        ]
-        if block_dropout:
-            layers.append(_dropout_layer(desc, image=True))
+        conv_args = (channels, out, kernel)
+        conv_kwargs: dict[str, Any] = {"stride": stride, "padding": kernel // 2, "bias": desc.norm == "none"}
+        if i < group_blocks:
+            # (B, C, H, W) -> (B, out, |G|, H', W') for the lifting layer, group maps after it.
+            conv: nn.Module = (LiftingConv2d if i == 0 else GroupConv2d)(*conv_args, group, **conv_kwargs)
+            layers += [conv, _group_norm_layer(desc.norm, out, group), nn.ReLU()]
+            if block_dropout:
+                layers.append(_group_dropout_layer(desc))
+            if i == group_blocks - 1:
+                layers.append(GroupPool("max", group))  # (B, out, |G|, H', W') -> (B, out, H', W')
+        else:
+            layers += [nn.Conv2d(*conv_args, **conv_kwargs), _norm_layer(desc.norm, out, image=True), nn.ReLU()]
+            if block_dropout:
+                layers.append(_dropout_layer(desc, image=True))
         channels = out
-    # A 4x4 pooled map keeps coarse layout, which global average pooling would throw away on 8x8 digits.
-    layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]  # (B, C*16)
-    if not block_dropout:
-        layers.append(_dropout_layer(desc, image=False))
-    layers.append(nn.Linear(channels * 16, desc.num_outputs))
-    return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
-
-
-def _mlp(desc: ModelDesc) -> nn.Module:
-    features = 1
-    for d in desc.input_shape:
-        features *= d
-    layers: list[nn.Module] = [nn.Flatten()]
-    block_dropout = desc.dropout_where == "all"
-    for _ in range(desc.depth):
-        layers += [nn.Linear(features, desc.width), _norm_layer(desc.norm, desc.width, image=False), nn.Tanh()]
-        if block_dropout:
-            layers.append(_dropout_layer(desc, image=False))
-        features = desc.width
+    if group_blocks == desc.depth > 0 and desc.equivariant_layers == "all":
+        # Global pooling keeps the invariance the group layers built; a linear map of a 4x4 map would not.
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, C)
+        features = channels
+    else:
+        # A 4x4 pooled map keeps coarse layout, which global average pooling would throw away on 8x8 digits.
+        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]  # (B, C*16)
+        features = channels * 16
     if not block_dropout:
         layers.append(_dropout_layer(desc, image=False))
     layers.append(nn.Linear(features, desc.num_outputs))
     return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
 
 
+def _mlp(desc: ModelDesc) -> nn.Module:
+    features = math.prod(desc.input_shape)
+    layers: list[nn.Module] = [nn.Flatten()]
+    block_dropout = desc.dropout_where == "all"
+    for i in range(desc.depth):
+        width = desc.first_width if i == 0 and desc.first_width else desc.width
+        layers += [nn.Linear(features, width), _norm_layer(desc.norm, width, image=False), nn.Tanh()]
+        if block_dropout:
+            layers.append(_dropout_layer(desc, image=False))
+        features = width
+    if not block_dropout:
+        layers.append(_dropout_layer(desc, image=False))
+    layers.append(nn.Linear(features, desc.num_outputs))
+    return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+
+
+# --- torchvision classifiers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TorchvisionModel:
+    """How to adapt one torchvision classifier.
+
+    ``first_conv``/``stem_pool``/``classifier`` are dotted module paths; ``dropout_arg`` names the
+    constructor argument for dropout where torchvision has one (``None``: a dropout layer is put
+    before the classifier); ``dropout_where`` is where that built-in dropout acts.
+    """
+
+    factory: str
+    first_conv: str
+    classifier: str
+    stem_pool: str | None
+    norm_arg: bool
+    dropout_arg: str | None
+    dropout_where: str = "head"
+
+
+TORCHVISION_MODELS: dict[str, TorchvisionModel] = {
+    "resnet18": TorchvisionModel("resnet18", "conv1", "fc", "maxpool", norm_arg=True, dropout_arg=None),
+    # DenseNet's drop_rate is element-wise dropout after every dense layer.
+    "densenet121": TorchvisionModel("densenet121", "features.conv0", "classifier", "features.pool0",
+                                    norm_arg=False, dropout_arg="drop_rate", dropout_where="all"),
+    "mobilenet_v3_small": TorchvisionModel("mobilenet_v3_small", "features.0.0", "classifier.3", None,
+                                           norm_arg=True, dropout_arg="dropout"),
+}
+"""Registered torchvision classifiers and how each is adapted."""
+
+
+def _torchvision_norm(kind: str) -> Callable[[int], nn.Module]:
+    def make(channels: int) -> nn.Module:
+        return _norm_layer(kind, channels, image=True)
+
+    return make
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def _adapt_first_conv(model: nn.Module, path: str, desc: ModelDesc) -> None:
+    """Give the first conv the data's channels, the cifar stem, and the stem adaptation of expansion.
+
+    The expansion strategy describes its stem adaptation for a 3x3 stride-1 stem (``stem_stride`` K, or
+    ``stem_kernel`` 2K+1); for a k x k stride-s stem the same idea is stride s*K, or a (k-1)*K+1 kernel
+    that covers the same original pixels.
+    """
+    old = model.get_submodule(path)
+    assert isinstance(old, nn.Conv2d)
+    kernel, stride = old.kernel_size[0], old.stride[0]
+    if desc.cifar_stem:
+        kernel, stride = 3, 1
+    kernel_factor = (desc.stem_kernel - 1) // 2
+    kernel, stride = (kernel - 1) * kernel_factor + 1, stride * desc.stem_stride
+    in_channels = desc.input_shape[0]
+    if (in_channels, kernel, stride) == (old.in_channels, old.kernel_size[0], old.stride[0]):
+        return
+    new = nn.Conv2d(in_channels, old.out_channels, kernel, stride=stride, padding=kernel // 2,
+                    bias=old.bias is not None)
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")  # torchvision's own scheme
+    _set_module(model, path, new)
+
+
+def _replace_batch_norms(model: nn.Module, kind: str) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            _set_module(model, name, _norm_layer(kind, module.num_features, image=True))
+
+
+def _torchvision_builder(name: str) -> Callable[[ModelDesc], nn.Module]:
+    info = TORCHVISION_MODELS[name]
+
+    def build(desc: ModelDesc) -> nn.Module:
+        import torchvision
+
+        assert desc.is_image, f"{name} needs image inputs"
+        kwargs: dict[str, Any] = {"weights": None, "num_classes": desc.num_outputs}
+        if info.norm_arg and desc.norm != "batch":
+            kwargs["norm_layer"] = _torchvision_norm(desc.norm)
+        builtin_dropout = info.dropout_arg is not None and desc.dropout_where == info.dropout_where
+        if info.dropout_arg is not None:
+            kwargs[info.dropout_arg] = desc.dropout_rate if builtin_dropout else 0.0
+        model: nn.Module = getattr(torchvision.models, info.factory)(**kwargs)
+        if not info.norm_arg and desc.norm != "batch":
+            _replace_batch_norms(model, desc.norm)
+        _adapt_first_conv(model, info.first_conv, desc)
+        if desc.cifar_stem and info.stem_pool is not None:
+            _set_module(model, info.stem_pool, nn.Identity())
+        if desc.dropout_rate > 0 and not builtin_dropout:
+            assert desc.dropout_where == "head", f"{name} has no dropout of its own at {desc.dropout_where!r}"
+            head = model.get_submodule(info.classifier)
+            _set_module(model, info.classifier, nn.Sequential(nn.Dropout(desc.dropout_rate), head))
+        return model
+
+    return build
+
+
+# --- the registry --------------------------------------------------------------------------------
+
 Builder = Callable[[ModelDesc], nn.Module]
 
-MODELS: dict[str, Builder] = {"small_cnn": _small_cnn, "mlp": _mlp}
+MODELS: dict[str, Builder] = {
+    "small_cnn": _small_cnn,
+    "mlp": _mlp,
+    **{name: _torchvision_builder(name) for name in TORCHVISION_MODELS},
+}
 """Registered architectures: name -> builder(desc)."""
 
-INPUT_KINDS: dict[str, tuple[str, ...]] = {"small_cnn": ("image",), "mlp": ("image", "vector")}
+INPUT_KINDS: dict[str, tuple[str, ...]] = {
+    "small_cnn": ("image",),
+    "mlp": ("image", "vector"),
+    **{name: ("image",) for name in TORCHVISION_MODELS},
+}
 """Which input kinds each architecture accepts."""
 
 
 def build_model(desc: ModelDesc, seed: int) -> nn.Module:
     """Build the network a description asks for, initialised from ``seed``.
+
+    With ``desc.frozen_fraction > 0`` every conv/linear weight gets its frozen entries (see
+    ``strategies.asymmetry``), drawn from the same seed; the trainer keeps them fixed.
 
     Example:
         >>> desc = ModelDesc("small_cnn", input_shape=(1, 8, 8), num_outputs=10)
@@ -94,8 +297,138 @@ def build_model(desc: ModelDesc, seed: int) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[desc.arch](desc)
+        model = MODELS[desc.arch](desc)
+        if desc.first_bias == "zero":
+            bias = getattr(first_layer(model), "bias", None)
+            if isinstance(bias, nn.Parameter):  # torchvision stems have no bias: nothing to zero
+                with torch.no_grad():
+                    bias.zero_()
+        if desc.frozen_fraction > 0:
+            _freeze_entries(model, desc.frozen_fraction)
+        return model
+
+
+def _freeze_entries(model: nn.Module, fraction: float) -> None:
+    """Freeze ``round(fraction * fan_in)`` random entries of each unit's weights at random values."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+            continue  # norm layers' scales are vectors, not connections between units
+        units, fan_in = weight.shape[0], weight[0].numel()
+        frozen_per_unit = round(fraction * fan_in)
+        if frozen_per_unit == 0:
+            continue
+        # A random subset per unit: argsort of uniform noise is a random permutation of each row.
+        chosen = torch.rand(units, fan_in).argsort(dim=1)[:, :frozen_per_unit]
+        mask = torch.zeros(units, fan_in, dtype=torch.bool).scatter_(1, chosen, True).view_as(weight)
+        value = torch.randn_like(weight) * weight.detach().std().clamp_min(1e-8)
+        with torch.no_grad():
+            weight.copy_(torch.where(mask, value, weight))
+        module.register_buffer("weight" + FROZEN_MASK, mask)
+        module.register_buffer("weight" + FROZEN_VALUE, value.detach().clone())
+        # Frozen entries get no gradient, so no optimiser state builds up for them (this module's own
+        # training; the trainer also restores them after every step, which covers weight decay and
+        # stacked replicas, whose copied tensors do not carry this hook).
+        weight.register_hook(functools.partial(_without_frozen, module))  # type: ignore[no-untyped-call]
+
+
+def _without_frozen(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    return grad.masked_fill(module.get_buffer("weight" + FROZEN_MASK), 0.0)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- the controls --------------------------------------------------------------------------------
+
+
+def _shape_only(desc: ModelDesc) -> nn.Module:
+    """The architecture on the meta device: shapes and parameter counts without memory or init cost."""
+    with torch.device("meta"):
+        return MODELS[desc.arch](desc)
+
+
+_FIRST_LAYER_TYPES = (nn.Linear, nn.Conv2d, LiftingConv2d)
+
+
+def first_layer(model: nn.Module) -> nn.Module:
+    """The first layer that mixes inputs (a Linear, Conv2d or lifting conv), in registration order."""
+    return next(m for m in model.modules() if isinstance(m, _FIRST_LAYER_TYPES))
+
+
+def first_layer_bias_name(model: nn.Module) -> str | None:
+    """The parameter name of the first layer's bias (``0.bias``), or None when it has none."""
+    layer = first_layer(model)
+    if getattr(layer, "bias", None) is None:
+        return None
+    return next(f"{name}.bias" for name, m in model.named_modules() if m is layer).lstrip(".")
+
+
+def constant_bias_energy(desc: ModelDesc, constants: torch.Tensor) -> float:
+    """``sum c^2`` over the constants one first-layer unit of ``desc`` sees in one input sample.
+
+    Args:
+        desc: the model that gets the expanded input.
+        constants: one input sample, shaped like the model's input, holding each constant (in the
+            units the model sees) at its position and 0 at the positions of original values.
+
+    Returns:
+        For a dense first layer the sum over every position; for a conv the sum inside its window
+        (zero padding adds nothing), averaged over the window's output positions.
+    """
+    layer = first_layer(_shape_only(desc))
+    squares = constants.double() ** 2
+    if isinstance(layer, nn.Linear):
+        return float(squares.sum())
+    kernel, stride, padding = (_first(getattr(layer, a)) for a in ("kernel_size", "stride", "padding"))
+    ones = torch.ones(1, squares.shape[0], kernel, kernel, dtype=squares.dtype)
+    return float(F.conv2d(squares.unsqueeze(0), ones, stride=stride, padding=padding).mean())
+
+
+def _first(value: Any) -> int:
+    return int(value[0]) if isinstance(value, tuple) else int(value)
+
+
+def match_first_width(desc: ModelDesc, target: int) -> ModelDesc:
+    """``desc`` with the first layer's width whose parameter count is closest to ``target``.
+
+    The count is linear in the first width (its weights, bias and norm, and the next layer's inputs),
+    so two counts give the slope; neighbours of the solution settle rounding, ties go to the narrower.
+    """
+    def count(width: int) -> int:
+        return count_parameters(_shape_only(replace(desc, first_width=width)))
+
+    start = desc.first_width or desc.width
+    base, slope = count(start), count(start + 1) - count(start)
+    assert slope > 0, "the first layer's width must change the parameter count"
+    guess = max(1, round(start + (target - base) / slope))
+    best = min(range(max(1, guess - 1), guess + 2), key=lambda w: (abs(count(w) - target), w))
+    return replace(desc, first_width=best)
+
+
+def describe_model(plain: ModelDesc, settings: Mapping[str, Mapping[str, object]],
+                   constants: torch.Tensor | None = None) -> ModelDesc:
+    """The model description of one trial: every strategy's edit, with the controls resolved.
+
+    When a control replaces the expansion (``controls.bias_lr_multiplier: auto`` or
+    ``controls.width_matched``), the model gets the unexpanded input, and the expanded model it stands
+    in for sets the bias multiplier (from ``constants``, see ``constant_bias_energy``) and the width.
+
+    Args:
+        plain: the spec's model for the unexpanded data, before any strategy.
+        settings: every strategy's knob values, by strategy and knob name.
+        constants: one expanded input sample with the constants at their positions and 0 elsewhere;
+            needed with ``bias_lr_multiplier: auto``.
+    """
+    all_settings = {name: dict(values) for name, values in settings.items()}
+    expanded = apply_model_edits(plain, all_settings)
+    if not replaces_expansion(all_settings["controls"]):
+        return expanded
+    desc = apply_model_edits(plain, {**all_settings, "expansion": input_expansion(all_settings)})
+    if desc.bias_lr_multiplier == "auto":
+        assert constants is not None, "bias_lr_multiplier: auto needs the expansion's constants"
+        desc = replace(desc, bias_lr_multiplier=1.0 + constant_bias_energy(expanded, constants))
+    if all_settings["controls"]["width_matched"]:
+        desc = match_first_width(desc, count_parameters(_shape_only(expanded)))
+    return desc

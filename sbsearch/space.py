@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from sbsearch.spec import ParamSpec, Spec
 from sbsearch.strategies import STRATEGIES
 
-__all__ = ["Suggest", "TrialConfig", "sample_config", "grid_values", "config_from_params"]
+__all__ = ["Suggest", "TrialConfig", "sample_config", "grid_values", "config_from_params", "trial_budget"]
 
 
 class Suggest(Protocol):
@@ -95,3 +95,10 @@ def grid_values(spec: Spec) -> dict[str, list[Any]]:
         values = [p.low + i * step for i in range(n)]
         out[p.name] = [int(v) for v in values] if p.integer else [round(v, 12) for v in values]
     return out
+
+
+def trial_budget(spec: Spec) -> int:
+    """Trials a sweep finishes: the spec's count, capped by the grid's size for grid search."""
+    if spec.search.sampler == "grid":
+        return int(min(spec.search.trials, spec.space_size()))
+    return spec.search.trials

@@ -17,14 +17,14 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from sbsearch.data import DATASETS
+from sbsearch.data import DATASETS, DataOptions
 from sbsearch.errors import Problem, SpecError, did_you_mean
-from sbsearch.models import INPUT_KINDS, MODELS
+from sbsearch.models import INPUT_KINDS, MODELS, TORCHVISION_MODELS
 from sbsearch.strategies import STRATEGIES, Knob
 
 __all__ = [
-    "Spec", "DataSpec", "ModelSpec", "TrainSpec", "SearchSpec", "TrackingSpec", "ParamSpec",
-    "load_spec", "parse_spec", "spec_to_dict", "spec_reference", "with_overrides",
+    "Spec", "DataSpec", "ModelSpec", "TrainSpec", "SearchSpec", "TrackingSpec", "RaySpec", "ParamSpec",
+    "load_spec", "parse_spec", "spec_to_dict", "spec_reference", "with_overrides", "data_options", "resolve_pi",
 ]
 
 Rule = Callable[[Any], bool]
@@ -38,6 +38,14 @@ def _positive(x: Any) -> bool:
     return x > 0
 
 
+def _is_regex(x: Any) -> bool:
+    try:
+        re.compile(x)
+    except re.error:
+        return False
+    return True
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -48,6 +56,21 @@ class DataSpec:
                              ("must be in (0, 1)", lambda x: 0 < x < 1))
     batch_size: int = _f(64, "training batch size", ("must be >= 1", lambda x: x >= 1))
     normalize: bool = _f(True, "standardise inputs with the training set's per-channel mean and std")
+    root: Union[str, None] = _f(None, "folder with the data set's files (cifar10, cifar100, fgvc_aircraft, dtd, "
+                                      "imagefolder); resolved to an absolute path")
+    download: bool = _f(False, "fetch a torchvision data set into data.root when its files are not there")
+    image_size: Union[int, None] = _f(None, "resize images to this side length (null = the data set's own size; "
+                                            "64 for fgvc_aircraft, dtd and imagefolder, 32 for fakedata)",
+                                      ("must be >= 4", lambda x: x >= 4))
+    domain: tuple[float, float] = _f((-1.0, 1.0), "input interval [low, high] of the fn_* function data sets "
+                                                  "(pi, 2pi, pi/2 allowed)",
+                                     ("must have low < high", lambda x: x[0] < x[1]))
+    sampling: str = _f("grid", "training points of the fn_* data sets: evenly spaced (grid) or uniformly random",
+                       choices=lambda: ("grid", "random"))
+    points: int = _f(100, "training points of the fn_* data sets (they validate on 1000 points across the domain)",
+                     ("must be >= 2", lambda x: x >= 2))
+    fake_samples: int = _f(512, "images of the fakedata set", ("must be >= 2", lambda x: x >= 2))
+    fake_classes: int = _f(10, "classes of the fakedata set", ("must be >= 2", lambda x: x >= 2))
 
 
 @dataclass(frozen=True)
@@ -56,17 +79,27 @@ class ModelSpec:
     width: int = _f(16, "channels of the first conv block (doubling per block, up to 4x) or hidden units of the mlp",
                     ("must be >= 1", lambda x: x >= 1))
     depth: int = _f(2, "number of conv blocks or hidden layers", ("must be between 1 and 16", lambda x: 1 <= x <= 16))
+    first_bias: str = _f("default", "the first layer's bias at initialisation: PyTorch's default or zero",
+                         choices=lambda: ("default", "zero"))
+    cifar_stem: bool = _f(False, "torchvision models: a 3x3 stride-1 first conv and no stem max-pool, for small "
+                                 "(e.g. 32x32) images; width and depth apply to mlp and small_cnn only")
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     epochs: int = _f(10, "epochs per trial", ("must be >= 1", lambda x: x >= 1))
-    optimizer: str = _f("adam", "optimiser", choices=lambda: ("adam", "adamw", "sgd"))
+    optimizer: str = _f("adam", "optimiser; lbfgs takes one full-batch step of up to 20 iterations per epoch "
+                        "(strong-Wolfe line search; replicas train one after another)",
+                        choices=lambda: ("adam", "adamw", "sgd", "lbfgs"))
     lr: float = _f(0.003, "learning rate", ("must be > 0", _positive))
     momentum: float = _f(0.9, "SGD momentum", ("must be in [0, 1)", lambda x: 0 <= x < 1))
     weight_decay: float = _f(0.0, "L2 weight decay", ("must be >= 0", lambda x: x >= 0))
-    replicas: int = _f(1, "models per trial that differ only in their initialisation seed; the trial's metric is their mean",
+    replicas: int = _f(3, "models per trial that differ only in their initialisation seed, trained together; the trial's "
+                          "metric is their mean, and sb_score compares their weights (needs 2 or more)",
                        ("must be between 1 and 16", lambda x: 1 <= x <= 16))
+    score_layers: Union[str, None] = _f(None, "regular expression choosing the weights sb_score compares "
+                                              "(null = every conv and linear weight, biases excluded)",
+                                        ("must be a valid regular expression", _is_regex))
     device: str = _f("auto", "where to train: auto picks cuda when available", choices=lambda: ("auto", "cpu", "cuda"))
     threads: int = _f(0, "torch threads per trial (0 = share the machine's cores among parallel trials)",
                       ("must be >= 0", lambda x: x >= 0))
@@ -74,18 +107,43 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class SearchSpec:
-    backend: str = _f("optuna", "search backend", choices=lambda: ("optuna",))
+    backend: str = _f("optuna", "search backend: optuna (this machine) or ray (a Ray cluster, see the ray section)",
+                      choices=lambda: ("optuna", "ray"))
     sampler: str = _f("tpe", "how trials pick values: tpe (Bayesian), random, or grid (every combination)",
                       choices=lambda: ("tpe", "random", "grid"))
     trials: int = _f(20, "finished trials the sweep aims for (completed, pruned or failed)",
                      ("must be >= 1", lambda x: x >= 1))
     parallel: int = _f(1, "trials run at the same time, each in its own process",
                        ("must be between 1 and 64", lambda x: 1 <= x <= 64))
-    pruner: str = _f("none", "early stopping rule: none, or median (stop a trial below the median of others at the same epoch)",
-                     choices=lambda: ("none", "median"))
+    pruner: str = _f("none", "early stopping rule, judged after each epoch from warmup_epochs on: none; median (worse than "
+                     "the median of completed trials at that epoch); successive_halving or hyperband (keep the best "
+                     "1/reduction_factor at rungs warmup*reduction_factor^k); wasserstein (sb_score in the worst "
+                     "prune_quantile of the trials that reached the epoch, see score_direction); combined (the final "
+                     "metric predicted from the metric and sb_score by least squares over completed trials, in the "
+                     "worst prune_quantile); asha or ray_hyperband: Ray Tune's schedulers (search.backend: ray)",
+                     choices=lambda: PRUNER_NAMES)
     warmup_epochs: int = _f(2, "epochs every trial runs before it may be pruned", ("must be >= 0", lambda x: x >= 0))
+    prune_quantile: float = _f(0.5, "wasserstein, combined: stop a trial in this worst share of the trials that reached "
+                               "the epoch (0.5: worse than more than half of them)",
+                               ("must be in (0, 1)", lambda x: 0 < x < 1))
+    score_direction: str = _f("learned", "wasserstein: which sb_score is good; learned = the sign of the Spearman "
+                              "correlation between sb_score at the epoch and the final metric over completed trials, "
+                              "once p < alpha (fallback until then)",
+                              choices=lambda: ("learned", "low_is_good", "high_is_good"))
+    fallback: str = _f("median", "wasserstein, combined: the rule used until the direction or fit is known",
+                       choices=lambda: ("none", "median"))
+    alpha: float = _f(0.05, "wasserstein: significance level of the learned direction",
+                      ("must be in (0, 1)", lambda x: 0 < x < 1))
+    min_finished: int = _f(5, "wasserstein, combined: completed trials needed to learn the direction or fit",
+                           ("must be >= 3", lambda x: x >= 3))
+    reduction_factor: int = _f(3, "successive_halving, hyperband: keep 1/reduction_factor of the trials at each rung",
+                               ("must be >= 2", lambda x: x >= 2))
     timeout: Union[float, None] = _f(None, "stop starting new trials after this many seconds (null = no limit)",
                                      ("must be > 0", _positive))
+    on_divergence: str = _f("fail", "how a trial whose loss became NaN or infinite is recorded: fail, or prune",
+                            choices=lambda: ("fail", "prune"))
+    max_consecutive_failures: int = _f(5, "stop the sweep after this many failed trials in a row (0 = never stop)",
+                                       ("must be >= 0", lambda x: x >= 0))
 
 
 @dataclass(frozen=True)
@@ -93,6 +151,23 @@ class TrackingSpec:
     uri: Union[str, None] = _f(None, "MLflow tracking URI (null = sqlite:///mlflow.db in the working directory, "
                                      "or under --out when given)")
     experiment: Union[str, None] = _f(None, "MLflow experiment name (null = the spec's name)")
+
+
+# Pruners that are Ray Tune's own schedulers (search.backend: ray only).
+RAY_SCHEDULERS = ("asha", "ray_hyperband")
+# sbsearch.pruning.PRUNERS (backend-neutral rules, hyperband among them) and Ray's schedulers.
+PRUNER_NAMES: tuple[str, ...] = ("none", "median", "successive_halving", "hyperband", "wasserstein", "combined", *RAY_SCHEDULERS)
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    address: Union[str, None] = _f(None, "Ray cluster to join (host:port, or auto for the cluster this machine is a node of); "
+                                         "null starts Ray on this machine. --address overrides it")
+    cpus_per_trial: float = _f(1.0, "CPUs Ray reserves for each trial (also its torch threads unless train.threads is set)",
+                               ("must be > 0", _positive))
+    gpus_per_trial: float = _f(0.0, "GPUs Ray reserves for each trial; a fraction such as 0.25 lets trials share a GPU",
+                               ("must be >= 0, and a whole number above 1", lambda x: x >= 0 and (x <= 1 or float(x).is_integer())))
+    max_failures: int = _f(2, "times Ray re-runs a trial whose worker process or node died", ("must be >= 0", lambda x: x >= 0))
 
 
 @dataclass(frozen=True)
@@ -161,6 +236,7 @@ class Spec:
     space: tuple[ParamSpec, ...] = field(default=(), metadata={"doc": "searched knobs: <strategy>: {<knob>: value | [choices] | {low, high, log, step}}"})
     search: SearchSpec = field(default_factory=SearchSpec, metadata={"doc": "how trials are chosen, run and stopped"})
     tracking: TrackingSpec = field(default_factory=TrackingSpec, metadata={"doc": "where MLflow records go"})
+    ray: RaySpec = field(default_factory=RaySpec, metadata={"doc": "the Ray cluster and each trial's resources (search.backend: ray)"})
 
     def param(self, name: str) -> ParamSpec:
         return next(p for p in self.space if p.name == name)
@@ -178,7 +254,38 @@ class Spec:
 
 # --- parsing -----------------------------------------------------------------------------------
 
-_SECTIONS = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec, "search": SearchSpec, "tracking": TrackingSpec}
+_SECTIONS = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec, "search": SearchSpec, "tracking": TrackingSpec,
+             "ray": RaySpec}
+
+
+_PI_MULTIPLE = re.compile(r"^\s*(-?)\s*(\d+(?:\.\d*)?|\.\d+)?\s*\*?\s*(?:pi|π)\s*(?:/\s*(\d+(?:\.\d*)?))?\s*$")
+PI_WORDS = "a multiple of pi (pi, -pi, 2pi, pi/2)"
+
+
+def resolve_pi(value: Any) -> Any:
+    """``"pi"``, ``"2pi"``, ``"-pi/2"`` (or ``π``) as floats; any other value unchanged.
+
+    The follow-up study of vector expansion found c = pi the best constant, so pi is a preset that
+    specs can write by name instead of as 3.14159...
+    """
+    if not isinstance(value, str):
+        return value
+    m = _PI_MULTIPLE.match(value)
+    if m is None:
+        return value
+    sign, factor, divisor = m.groups()
+    denominator = float(divisor or 1)
+    if denominator == 0:
+        return value
+    return (-1 if sign else 1) * float(factor or 1) * math.pi / denominator
+
+
+def _number_pair(value: Any, n: int) -> tuple[bool, Any]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        return False, value
+    items = [resolve_pi(v) for v in value]
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in items)
+    return ok, tuple(float(v) for v in items) if ok else value
 
 
 def _type_ok(tp: Any, value: Any) -> tuple[bool, Any, str]:
@@ -188,6 +295,10 @@ def _type_ok(tp: Any, value: Any) -> tuple[bool, Any, str]:
         if value is None:
             return True, None, ""
         tp = next(a for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) is tuple:  # a fixed-length list of numbers, such as data.domain
+        n = len(get_args(tp))
+        ok, value = _number_pair(value, n)
+        return ok, value, f"a list of {n} finite numbers, each may be {PI_WORDS}"
     words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
     if optional:
         words += " or null"
@@ -201,14 +312,15 @@ def _type_ok(tp: Any, value: Any) -> tuple[bool, Any, str]:
     return isinstance(value, str), value, words
 
 
-def _parse_section(cls: type, raw: Any, path: str, problems: list[Problem]) -> Any:
+def _parse_section(cls: type, raw: Any, path: str, problems: list[Problem], only: tuple[str, ...] = ()) -> Any:
+    """Validate one section's keys into ``cls``; ``only`` limits it to some fields (the spec's top level)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         problems.append(Problem(path, "must be a mapping of keys to values", raw))
         return cls()
     hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if not only or f.name in only}
     for key in raw:
         if key not in known:
             problems.append(Problem(f"{path}.{key}", "is not a known key", raw[key], did_you_mean(str(key), known)))
@@ -238,9 +350,17 @@ def _parse_param(name: str, knob: Knob, raw: Any, path: str, problems: list[Prob
         if knob.accepts(knob.coerce(value)):
             return False
         hint = did_you_mean(str(value), [str(c) for c in knob.choices]) if knob.kind == "choice" else ""
-        problems.append(Problem(where, knob.rule(), value, hint))
+        rule = knob.rule() + (f" or {PI_WORDS}" if knob.kind == "float" and isinstance(value, str) else "")
+        problems.append(Problem(where, rule, value, hint))
         return True
 
+    if knob.kind == "float":  # "pi", "2pi", "pi/2" stand for their values wherever a number may go
+        if isinstance(raw, list):
+            raw = [resolve_pi(v) for v in raw]
+        elif isinstance(raw, Mapping):
+            raw = {k: resolve_pi(v) if k in ("low", "high") else v for k, v in raw.items()}
+        else:
+            raw = resolve_pi(raw)
     if isinstance(raw, list):
         if not raw:
             problems.append(Problem(path, "must list at least one value", raw))
@@ -266,6 +386,10 @@ def _parse_param(name: str, knob: Knob, raw: Any, path: str, problems: list[Prob
             return None
         if bad_value(raw["low"], f"{path}.low") | bad_value(raw["high"], f"{path}.high"):
             return None
+        for end in ("low", "high"):
+            if isinstance(raw[end], str):  # a preset such as "auto" is a value, not a number to range over
+                problems.append(Problem(f"{path}.{end}", "must be a number; list presets as choices instead", raw[end]))
+                return None
         low, high = float(raw["low"]), float(raw["high"])
         log, step = raw.get("log", False), raw.get("step")
         if low >= high:
@@ -330,20 +454,79 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
     for sname, strategy in STRATEGIES.items():
         if strategy.incompatible is None:
             continue
-        base = {k.name: by_name[f"{sname}.{k.name}"].values[0] if by_name[f"{sname}.{k.name}"].kind == "fixed"
-                else k.default for k in strategy.knobs}
-        for knob in strategy.knobs:
-            p = by_name[f"{sname}.{knob.name}"]
+        params = [by_name[f"{sname}.{k.name}"] for k in strategy.knobs]
+        base = {p.knob: p.values[0] if p.kind == "fixed" else strategy.knob_by_name[p.knob].default for p in params}
+        why = strategy.incompatible(base, spec.model.name, input_kind)
+        if why is not None:
+            # Blame the fixed knob the user set away from its default (the last one, as in "kind: channel").
+            culprit = next((p for p in reversed(params) if p.kind == "fixed" and p.values[0] != strategy.knob_by_name[p.knob].default), params[0])
+            problems.append(Problem(f"space.{culprit.name}", why, culprit.values[0]))
+            continue
+        for p in params:
             candidates = p.values if p.kind != "range" else (p.low, p.high)
             for value in candidates:
-                why = strategy.incompatible({**base, knob.name: value}, spec.model.name, input_kind)
+                why = strategy.incompatible({**base, p.knob: value}, spec.model.name, input_kind)
                 if why is not None:
                     problems.append(Problem(f"space.{p.name}", why, value))
                     break
+    _model_checks(spec, by_name, problems)
+    if spec.search.pruner in RAY_SCHEDULERS and spec.search.backend != "ray":
+        problems.append(Problem("search.pruner", "is a Ray Tune scheduler and needs search.backend: ray", spec.search.pruner))
     if spec.search.sampler == "grid":
         for p in spec.space:
             if p.kind == "range" and not (p.integer or p.step):
                 problems.append(Problem(f"space.{p.name}", "the grid sampler needs a list of values or a range with a step", p.to_yaml()))
+
+
+def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[Problem]) -> None:
+    """What one strategy's ``incompatible`` hook cannot see: other strategies and the model section."""
+    def candidates(name: str) -> tuple[Any, ...]:
+        p = by_name[name]
+        return p.values if p.kind != "range" else (p.low, p.high)
+
+    if spec.model.cifar_stem and spec.model.name not in TORCHVISION_MODELS:
+        problems.append(Problem("model.cifar_stem", "applies to torchvision models only (" +
+                                ", ".join(TORCHVISION_MODELS) + ")", spec.model.cifar_stem))
+    if spec.train.optimizer == "lbfgs":
+        # L-BFGS takes one full-batch step per epoch: no per-parameter learning rates, and a line
+        # search that needs the same objective on every evaluation.
+        multiplier = next((m for m in candidates("controls.bias_lr_multiplier") if m != 1.0), None)
+        if multiplier is not None:
+            problems.append(Problem("space.controls.bias_lr_multiplier", "needs a minibatch optimiser; "
+                                    "train.optimizer lbfgs has no per-parameter learning rates", multiplier))
+        how = next((h for h in candidates("equivariance.how") if h in ("augment", "penalty")), None)
+        if how is not None:
+            problems.append(Problem("space.equivariance.how", "random augmentation and penalty elements need a "
+                                    "minibatch optimiser, not train.optimizer lbfgs (use layers or none)", how))
+    if spec.model.name == "small_cnn" and any(n != "none" for n in candidates("norm.kind")):
+        multiplier = next((m for m in candidates("controls.bias_lr_multiplier") if m != 1.0), None)
+        if multiplier is not None:
+            problems.append(Problem("space.controls.bias_lr_multiplier", "needs a first-layer bias, which small_cnn "
+                                    "has only with norm.kind: none (a norm layer makes a conv bias redundant)", multiplier))
+
+
+def _data_checks(data: DataSpec, problems: list[Problem]) -> None:
+    """Data that is not there is the user's to fix: say so before any training starts."""
+    info = DATASETS[data.dataset]
+    if not info.needs_root:
+        return
+    if data.root is None:
+        problems.append(Problem("data.root", f"must name the folder holding data set {data.dataset!r}", None))
+        return
+    if not data.download and not Path(data.root).is_dir():
+        problems.append(Problem("data.root", f"must be an existing folder for data set {data.dataset!r} "
+                                "(or set data.download: true)", data.root))
+        return
+    why = info.missing(data_options(data)) if info.missing is not None else None
+    if why is not None:
+        problems.append(Problem("data.root", f"must hold data set {data.dataset!r} ({why})", data.root))
+
+
+def data_options(data: DataSpec) -> DataOptions:
+    """The loader options of a data section."""
+    return DataOptions(root=data.root, download=data.download, image_size=data.image_size, domain=data.domain,
+                       sampling=data.sampling, points=data.points, fake_samples=data.fake_samples,
+                       fake_classes=data.fake_classes)
 
 
 def parse_spec(raw: Any) -> Spec:
@@ -361,27 +544,20 @@ def parse_spec(raw: Any) -> Spec:
     for key in raw:
         if key not in top:
             problems.append(Problem(str(key), "is not a known section", raw[key], did_you_mean(str(key), top)))
-    head = _parse_section(_Head, {k: raw[k] for k in ("name", "seed") if k in raw}, "", problems)
+    head = _parse_section(Spec, {k: raw[k] for k in ("name", "seed") if k in raw}, "", problems, only=("name", "seed"))
     sections = {name: _parse_section(cls, raw.get(name), name, problems) for name, cls in _SECTIONS.items()}
     space = _parse_space(raw.get("space"), problems)
+    if sections["data"].root is not None:  # trials may run in other working directories (Ray)
+        sections["data"] = dataclasses.replace(sections["data"], root=str(Path(sections["data"].root).expanduser().resolve()))
     spec = Spec(name=head.name, seed=head.seed, space=space, **sections)
     if not problems:
         _cross_checks(spec, DATASETS[spec.data.dataset].input_kind, problems)
+        _data_checks(spec.data, problems)
     if problems:
         for p in problems:
             p.path = p.path.lstrip(".")
         raise SpecError(problems)
     return spec
-
-
-@dataclass(frozen=True)
-class _Head:
-    name: str = Spec.__dataclass_fields__["name"].default
-    seed: int = Spec.__dataclass_fields__["seed"].default
-
-
-for _f_name in ("name", "seed"):
-    _Head.__dataclass_fields__[_f_name].metadata = Spec.__dataclass_fields__[_f_name].metadata  # type: ignore[misc]
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -413,7 +589,8 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     """The resolved spec as plain data (defaults filled in), fit to write as YAML and parse again."""
     out: dict[str, Any] = {"name": spec.name, "seed": spec.seed}
     for name in _SECTIONS:
-        out[name] = dataclasses.asdict(getattr(spec, name))
+        # Tuples (data.domain) become lists: YAML's safe dumper writes lists only.
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(spec, name)).items()}
     space: dict[str, dict[str, Any]] = {}
     for p in spec.space:
         space.setdefault(p.strategy, {})[p.knob] = p.to_yaml()
@@ -443,6 +620,8 @@ def spec_reference() -> list[tuple[str, str, str, str]]:
     def type_words(tp: Any) -> str:
         if get_origin(tp) is Union:
             return " or ".join("null" if a is type(None) else a.__name__ for a in get_args(tp))
+        if get_origin(tp) is tuple:
+            return f"list of {len(get_args(tp))} float"
         return str(getattr(tp, "__name__", tp))
 
     hints = get_type_hints(Spec)
@@ -455,7 +634,7 @@ def spec_reference() -> list[tuple[str, str, str, str]]:
                 rule = g.metadata.get("rule")
                 if rule:
                     meaning += f"; {rule[0]}"
-                rows.append((f"{f.name}.{g.name}", type_words(sub_hints[g.name]), yaml.safe_dump(g.default).split("\n")[0], meaning))
+                rows.append((f"{f.name}.{g.name}", type_words(sub_hints[g.name]), yaml.safe_dump(list(g.default) if isinstance(g.default, tuple) else g.default, default_flow_style=True).split("\n")[0], meaning))
         elif f.name == "space":
             for sname, strategy in STRATEGIES.items():
                 for knob in strategy.knobs:

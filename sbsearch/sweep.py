@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,14 +25,16 @@ from sbsearch.backends import SweepInterrupted, get_backend
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError
 from sbsearch.progress import SweepDisplay, top_table
+from sbsearch.space import trial_budget
 from sbsearch.spec import Spec, spec_to_dict
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
 from sbsearch.trial import SweepContext, TrialRecord
 
-__all__ = ["SweepResult", "run_sweep", "default_out_dir", "write_trials_csv"]
+__all__ = ["SweepResult", "run_sweep", "relog_sweep", "default_out_dir", "write_trials_csv"]
 
 # Keys a resumed sweep may change without becoming a different sweep.
-_RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment"}
+_RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment",
+                      "ray.address"}
 
 
 @dataclass
@@ -46,6 +50,9 @@ class SweepResult:
     parent_run_id: str | None
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
+    stopped_because: str | None = None  # the sweep stopped itself before its budget
+    unlogged: list[int] = field(default_factory=list)  # trials the tracking store did not take
+    tracking_error: str = ""  # the store failed while the sweep's parent run was closed
 
     @property
     def best(self) -> TrialRecord | None:
@@ -147,22 +154,21 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
         target, parent = None, None
         uri = tracking_uri or spec.tracking.uri or default_tracking_uri(out if explicit_out else None)
         tracker: Tracker | None = None
+        (out / "tracking.json").write_text(json.dumps({"uri": uri, "experiment": spec.tracking.experiment or spec.name}),
+                                           encoding="utf-8")
         if track:
             target = TrackingTarget(uri, spec.tracking.experiment or spec.name, (out / "mlartifacts").as_uri())
             tracker = Tracker(target)
             tracker.check_reachable()
             parent = tracker.start_sweep(spec.name, resolved, sweep_key=f"{spec.name}@{out}", spec_yaml=spec_yaml)
-        import os
-
         threads = spec.train.threads or max(1, (os.cpu_count() or 1) // spec.search.parallel)
         ctx = SweepContext(spec, out, target, parent, threads)
-        from sbsearch.backends.optuna import trial_budget
-
         budget = trial_budget(spec)
         searched = [p.name for p in spec.searched]
         try:
+            backend = get_backend(spec.search.backend)
             with SweepDisplay(console, budget, metric, direction) as display:
-                records = get_backend(spec.search.backend).run(ctx, display)
+                records = backend.run(ctx, display)
         except SweepInterrupted:
             if tracker is not None and parent is not None:
                 tracker.client.set_terminated(parent, status="KILLED")
@@ -176,21 +182,82 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
         result = SweepResult(spec, out, records, metric, direction, uri if track else None, parent,
                              time.perf_counter() - start)
         result.counts = {s: sum(r.state == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        result.stopped_because = backend.stopped_because
+        result.unlogged = [r.number for r in records if track and not r.logged]
         write_trials_csv(out / "trials.csv", records, searched)
-        if tracker is not None and parent is not None:
-            best = result.best
-            summary: dict[str, float] = {f"trials_{s.lower()}": float(n) for s, n in result.counts.items()}
-            summary["trials_total"] = float(len(records))
-            summary["epochs_total"] = float(sum(r.epochs_run for r in records))
-            summary["sweep_seconds"] = result.seconds
-            tags = {"sbsearch.state": "FINISHED"}
-            if best is not None:
-                summary[f"best_{metric}"] = best.final[metric]
-                summary["best_trial"] = float(best.number)
-                tags["sbsearch.best_params"] = str(best.params)
-            tracker.log_artifact(parent, out / "trials.csv")
-            tracker.end_sweep(parent, summary, tags)
+        try:
+            _close_parent(tracker, parent, result)
+        except Exception as exc:  # the store went away: the results are safe in the study and trials.csv
+            result.tracking_error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
     return result
+
+
+def _close_parent(tracker: Tracker | None, parent: str | None, result: SweepResult) -> None:
+    """The sweep's summary metrics and files on its MLflow parent run."""
+    if tracker is None or parent is None:
+        return
+    records, metric = result.records, result.metric
+    best = result.best
+    summary: dict[str, float] = {f"trials_{s.lower()}": float(n) for s, n in result.counts.items()}
+    summary["trials_total"] = float(len(records))
+    summary["epochs_total"] = float(sum(r.epochs_run for r in records))
+    summary["sweep_seconds"] = result.seconds
+    tags = {"sbsearch.state": "STOPPED" if result.stopped_because else "FINISHED"}
+    if best is not None:
+        summary[f"best_{metric}"] = best.final[metric]
+        summary["best_trial"] = float(best.number)
+        tags["sbsearch.best_params"] = str(best.params)
+    tracker.log_artifact(parent, result.out_dir / "trials.csv")
+    tracker.end_sweep(parent, summary, tags, status="FAILED" if result.stopped_because else "FINISHED")
+
+
+def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
+    """Write to MLflow what a sweep's study holds and the store does not (after the store was down).
+
+    Trials whose child run already carries their final state are left alone, so relogging twice
+    changes nothing. Returns (trials written, trials already there).
+    """
+    from sbsearch.backends.optuna import load_study, records_from_study
+    from sbsearch.spec import load_spec
+
+    out = out_dir.resolve()
+    if not (out / "spec.yaml").exists():
+        raise SbsearchError(f"OUT_DIR: must be a sweep's output folder (with spec.yaml), but got {str(out_dir)!r}")
+    spec = load_spec(out / "spec.yaml")
+    saved = json.loads((out / "tracking.json").read_text(encoding="utf-8")) if (out / "tracking.json").exists() else {}
+    uri = tracking_uri or saved.get("uri") or default_tracking_uri(out)
+    study = load_study(spec, out)
+    records = records_from_study(study) if study is not None else []
+    with _sweep_lock(out):
+        target = TrackingTarget(uri, saved.get("experiment") or spec.tracking.experiment or spec.name,
+                                (out / "mlartifacts").as_uri())
+        tracker = Tracker(target)
+        tracker.check_reachable()
+        resolved = spec_to_dict(spec)
+        parent = tracker.start_sweep(spec.name, resolved, sweep_key=f"{spec.name}@{out}",
+                                     spec_yaml=yaml.safe_dump(resolved, sort_keys=False))
+        done = {run.data.tags.get("sbsearch.trial_number"): run.data.tags.get("sbsearch.state")
+                for run in tracker.trial_runs(parent)}
+        written = 0
+        for r in records:
+            if done.get(str(r.number)) == r.state:
+                continue
+            from sbsearch.space import config_from_params
+            from sbsearch.trial import trial_run_name
+
+            config = config_from_params(spec, {**{p.name: None for p in spec.space}, **r.params})
+            run_id = tracker.start_trial(parent, r.number, config.params, trial_run_name(r.number, config))
+            for epoch, metrics in enumerate(r.history, start=1):
+                tracker.log_epoch(run_id, epoch, metrics)
+            final = {**r.final, "duration_s": r.seconds, "epochs_run": float(r.epochs_run)}
+            tracker.end_trial(run_id, r.state, final, {"sbsearch.reason": r.reason} if r.reason else {})
+            written += 1
+        metric, direction = DATASETS[spec.data.dataset].objective
+        result = SweepResult(spec, out, records, metric, direction, uri, parent, 0.0)
+        result.counts = {s: sum(r.state == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}
+        write_trials_csv(out / "trials.csv", records, [p.name for p in spec.searched])
+        _close_parent(tracker, parent, result)
+    return written, len(records) - written
 
 
 def print_summary(result: SweepResult, console: Console) -> None:
@@ -214,6 +281,12 @@ def print_summary(result: SweepResult, console: Console) -> None:
         for k in searched:
             console.print(f"  {k}: {best.params.get(k)}", highlight=False)
     console.print(f"Results: {result.out_dir}/trials.csv, study {result.out_dir}/optuna.journal", highlight=False)
+    if result.unlogged or result.tracking_error:
+        which = f"trials {', '.join(map(str, result.unlogged))}" if result.unlogged else "the sweep's summary"
+        console.print(f"[bold red]The MLflow store failed[/bold red] ({result.tracking_error or 'during the sweep'}): "
+                      f"{which} are safe in trials.csv and the study but not in MLflow. When the store is back, run:\n"
+                      f"  sbsearch relog {result.out_dir}" + (f" --tracking-uri {result.tracking_uri}" if result.tracking_uri else ""),
+                      highlight=False)
     if result.tracking_uri:
         console.print(f"MLflow:  mlflow ui --backend-store-uri {result.tracking_uri}   (then open http://127.0.0.1:5000)",
                       highlight=False)

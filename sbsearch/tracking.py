@@ -133,6 +133,23 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        """Log every file under ``folder`` (the report and its plots), keeping the folder's layout."""
+        _retry(lambda: self.client.log_artifacts(run_id, str(folder), artifact_path))
+
+    def find_sweep(self, sweep_key: str) -> str | None:
+        """The parent run id of the sweep with this key, or None; unlike ``start_sweep`` it creates nothing."""
+        exp = _retry(lambda: self.client.get_experiment_by_name(self.target.experiment))
+        if exp is None:
+            return None
+        self._experiment_id = exp.experiment_id
+        found = self._find_runs(f"tags.`sbsearch.sweep_key` = '{_quote(sweep_key)}' and tags.`sbsearch.role` = 'sweep'")
+        return found[0].info.run_id if found else None
+
+    def metric_history(self, run_id: str, key: str) -> dict[int, float]:
+        """Every logged value of one metric by step (for per-epoch metrics, step = epoch)."""
+        return {m.step: m.value for m in _retry(lambda: self.client.get_metric_history(run_id, key))}
+
     # --- one trial's child run --------------------------------------------------------------------
     def start_trial(self, parent_id: str, number: int, params: Mapping[str, Any], run_name: str) -> str:
         """Create the child run of trial ``number``; a run left over from an interrupted attempt of

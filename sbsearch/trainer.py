@@ -7,20 +7,24 @@ stops when that returns True.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from sbsearch.data import Split
 from sbsearch.errors import TrialDiverged
+from sbsearch.group_conv import act_on_image, act_on_image_batch, get_group
 from sbsearch.metrics import per_replica_metric, task_loss
-from sbsearch.models import build_model, count_parameters
+from sbsearch.models import FROZEN_MASK, FROZEN_VALUE, build_model, count_parameters, first_layer_bias_name
+from sbsearch.score import default_score_layers, drift_score, replica_score
 from sbsearch.strategies import ModelDesc
 
-__all__ = ["TrainPlan", "TrainResult", "Report", "train", "replica_seeds", "resolve_device"]
+__all__ = ["Report", "TrainPlan", "TrainResult", "invariance_penalty", "replica_seeds", "resolve_device", "train"]
 
 Report = Callable[[int, dict[str, float]], bool]
 """``report(epoch, metrics) -> stop?``; epochs count from 1."""
@@ -39,6 +43,9 @@ class TrainPlan:
     replicas: int = 1
     seed: int = 0
     device: str = "cpu"
+    score: bool = True  # log sb_score / sb_drift after every epoch
+    score_layers: str | None = None  # regex over weight names; None = every conv/linear weight
+    max_steps: int | None = None  # stop after this many optimiser steps, mid-epoch if need be (sbsearch rank)
 
 
 @dataclass
@@ -51,6 +58,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     num_parameters: int = 0
     seconds: float = 0.0
+    weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Each replica's final parameters by name (detached copies)."""
 
 
 def replica_seeds(seed: int, replicas: int) -> list[int]:
@@ -80,7 +89,17 @@ class _Single:
         self.model.train(mode)
 
 
-def _make_optimizer(params: Sequence[torch.Tensor], plan: TrainPlan) -> torch.optim.Optimizer:
+LBFGS_ITERATIONS = 20
+"""Iterations of the one L-BFGS step that makes an epoch (PyTorch's default ``max_iter``)."""
+
+LBFGS_CHUNK = 8192
+"""L-BFGS sees the full training set; larger sets are summed over chunks of this many samples."""
+
+
+def _make_optimizer(params: Sequence[torch.Tensor] | list[dict[str, Any]], plan: TrainPlan) -> torch.optim.Optimizer:
+    if plan.optimizer == "lbfgs":
+        # No weight_decay argument here: _lbfgs_epoch adds the L2 term to the loss itself.
+        return torch.optim.LBFGS(params, lr=plan.lr, max_iter=LBFGS_ITERATIONS, line_search_fn="strong_wolfe")
     if plan.optimizer == "sgd":
         return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
     if plan.optimizer == "adamw":
@@ -115,48 +134,208 @@ def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None 
         >>> result = train(split, ModelDesc("small_cnn", (1, 8, 8), 10), TrainPlan(epochs=2))
         >>> result.final["val_accuracy"] > 0.5
     """
+    # Dropout draws from the global generator: seeded here and restored after, so a trial's result
+    # does not depend on which trials ran before it in the same process (or on how long they ran).
+    with torch.random.fork_rng(devices=[] if torch.device(plan.device).type != "cuda" else None):
+        torch.manual_seed(plan.seed + 2)
+        return _train(split, desc, plan, report)
+
+
+def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None) -> TrainResult:
     start = time.perf_counter()
     device = torch.device(plan.device)
     models = [build_model(desc, s).to(device) for s in replica_seeds(plan.seed, plan.replicas)]
-    net = _stack(models)
-    optimizer = _make_optimizer(net.parameters(), plan)
+    lbfgs = plan.optimizer == "lbfgs"
+    # L-BFGS's line search and curvature pairs span all the parameters it is given, so stacked
+    # replicas would share one step size: each replica gets its own optimiser and runs on its own.
+    net = _stack(models, batched=not lbfgs)
+    optimizer = _make_optimizer(_param_groups(net.parameters(), models[0], desc, plan), plan) if not lbfgs else None
+    frozen = _frozen_entries(net.parameters(), models)
+    augment = torch.Generator().manual_seed(plan.seed + 1)  # its own stream: the batch order stays the same
+    lbfgs_optimizers = [_make_optimizer(list(m.parameters()), plan) for m in models] if lbfgs else []
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_val, y_val = split.x_val.to(device), split.y_val.to(device)
     n, metric = x_train.shape[0], f"val_{split.metric}"
+    score_layers = _score_layers(models[0], plan.score_layers)
+    initial = _final_weights(net) if plan.score and score_layers else []
     order = torch.Generator().manual_seed(plan.seed)
     history: list[dict[str, float]] = []
     stopped = False
-    epoch = 0
+    epoch = steps = 0
     for epoch in range(1, plan.epochs + 1):
         net.train()
-        perm = torch.randperm(n, generator=order).to(device)
-        loss_sum = torch.zeros((), device=device)
-        for i in range(0, n, plan.batch_size):
-            idx = perm[i : i + plan.batch_size]
-            loss = task_loss(net(x_train[idx]), y_train[idx], split.task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * idx.shape[0]
-        train_loss = loss_sum.item() / n / plan.replicas
+        if lbfgs:
+            train_loss = _lbfgs_epoch(models, lbfgs_optimizers, x_train, y_train, split.task, plan.weight_decay, frozen)
+            _restore_frozen(frozen)
+            steps += 1
+        else:
+            assert optimizer is not None
+            perm = torch.randperm(n, generator=order).to(device)
+            loss_sum = torch.zeros((), device=device)
+            seen = 0
+            for i in range(0, n, plan.batch_size):
+                idx = perm[i : i + plan.batch_size]
+                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, desc, augment)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                _restore_frozen(frozen)
+                loss_sum += loss.detach() * idx.shape[0]
+                seen, steps = seen + idx.shape[0], steps + 1
+                if plan.max_steps is not None and steps >= plan.max_steps:
+                    break
+            train_loss = loss_sum.item() / seen / plan.replicas
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
         net.train(False)
         val_loss, val_metric = _evaluate(net, x_val, y_val, split.task)
-        metrics = {"train_loss": train_loss, "val_loss": val_loss.mean().item(), metric: val_metric.mean().item()}
+        # The objective first: MLflow's compare view colours its charts by a run's first logged metric.
+        metrics = {metric: val_metric.mean().item(), "val_loss": val_loss.mean().item(), "train_loss": train_loss}
         if plan.replicas > 1:
             metrics[f"{metric}_std"] = val_metric.std().item()
+        if initial:
+            metrics.update(_score_metrics(_final_weights(net), initial, score_layers))
         history.append(metrics)
         if report is not None and report(epoch, metrics):
             stopped = epoch < plan.epochs
             break
+        if plan.max_steps is not None and steps >= plan.max_steps:
+            break
     return TrainResult(epochs_run=epoch, stopped_early=stopped, final=dict(history[-1]), history=history,
-                       num_parameters=count_parameters(models[0]), seconds=time.perf_counter() - start)
+                       num_parameters=count_parameters(models[0]), seconds=time.perf_counter() - start,
+                       weights=_final_weights(net))
 
 
-def _stack(models: list[nn.Module]) -> _Single:
+def _named(params: list[torch.Tensor], model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+    """(name, replica, tensor) for a stack's parameters: one stacked set, or one set per replica."""
+    names = [name for name, _ in model.named_parameters()]
+    assert len(params) % len(names) == 0, "a stack's parameters come in whole sets"
+    return [(names[i % len(names)], i // len(names), p) for i, p in enumerate(params)]
+
+
+def _param_groups(params: list[torch.Tensor], model: nn.Module, desc: ModelDesc,
+                  plan: TrainPlan) -> list[dict[str, Any]]:
+    """One group at the plan's learning rate, and the first layer's bias at ``bias_lr_multiplier`` times it."""
+    multiplier = desc.bias_lr_multiplier
+    assert isinstance(multiplier, float), f"bias_lr_multiplier must be resolved before training, got {multiplier!r}"
+    bias = first_layer_bias_name(model)
+    if multiplier == 1.0 or bias is None:
+        return [{"params": params}]
+    boosted = [p for name, _, p in _named(params, model) if name == bias]
+    rest = [p for name, _, p in _named(params, model) if name != bias]
+    return [{"params": rest}, {"params": boosted, "lr": plan.lr * multiplier}]
+
+
+def _frozen_entries(params: list[torch.Tensor], models: list[nn.Module]) -> list[tuple[torch.Tensor, ...]]:
+    """(parameter, mask, value) for every weight with frozen entries (``strategies.asymmetry``)."""
+    entries: list[tuple[torch.Tensor, ...]] = []
+    stacked = len(models) > 1 and len(params) == len(list(models[0].parameters()))
+    for name, replica, p in _named(params, models[0]):
+        owners = models if stacked else [models[replica]]
+        if name + FROZEN_MASK not in dict(owners[0].named_buffers()):
+            continue
+        masks = [m.get_buffer(name + FROZEN_MASK) for m in owners]
+        values = [m.get_buffer(name + FROZEN_VALUE) for m in owners]
+        entries.append((p, torch.stack(masks), torch.stack(values)) if stacked else (p, masks[0], values[0]))
+    return entries
+
+
+@torch.no_grad()
+def _restore_frozen(entries: list[tuple[torch.Tensor, ...]]) -> None:
+    # Weight decay and optimiser momentum would move frozen entries; putting them back keeps them exact.
+    for p, mask, value in entries:
+        p.copy_(torch.where(mask, value, p))
+
+
+def invariance_penalty(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+                       group: str, element: int) -> torch.Tensor:
+    """Sum over replicas of ``mean |f(g.x) - f(x)|^2`` for one group element ``g``.
+
+    ``out`` is ``net(x)`` (R, B, out), already computed for the task loss.
+    """
+    diff = net(act_on_image(group, element, x)) - out  # (R, B, out)
+    return diff.pow(2).flatten(1).mean(dim=1).sum()
+
+
+def _batch_loss(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, task: str,
+                desc: ModelDesc, generator: torch.Generator) -> torch.Tensor:
+    """The task loss of one batch, with the equivariance strategy's augmentation or penalty."""
+    if desc.augment_group != "none":
+        elements = torch.randint(get_group(desc.augment_group).order, (x.shape[0],), generator=generator)
+        x = act_on_image_batch(desc.augment_group, elements, x)  # labels unchanged: the task is invariant
+    out = net(x)
+    loss = task_loss(out, y, task)
+    if desc.penalty_group != "none" and desc.penalty_weight > 0:
+        # A random non-identity element per batch: over many batches the penalty covers the group.
+        element = 1 + int(torch.randint(get_group(desc.penalty_group).order - 1, (1,), generator=generator))
+        loss = loss + desc.penalty_weight * invariance_penalty(net, x, out, desc.penalty_group, element)
+    return loss
+
+
+def _score_layers(model: nn.Module, pattern: str | None) -> list[str]:
+    """The weights the score looks at: every conv/linear weight, or those whose name matches ``pattern``."""
+    layers = default_score_layers(model)
+    if pattern is None:
+        return layers
+    return [name for name in layers if re.search(pattern, name)]
+
+
+def _score_metrics(weights: list[dict[str, torch.Tensor]], initial: list[dict[str, torch.Tensor]],
+                   layers: list[str]) -> dict[str, float]:
+    """``sb_score`` (replicas against each other; needs 2 or more) with its per-layer values
+    ``sb_score.<layer>``, and ``sb_drift`` (each replica against its own initialisation)."""
+    out: dict[str, float] = {}
+    if len(weights) >= 2:
+        score = replica_score(weights, layers)
+        out["sb_score"] = score.value
+        out.update({f"sb_score.{name}": v for name, v in score.per_layer.items()})
+    out["sb_drift"] = drift_score(weights, initial, layers).value
+    return out
+
+
+def _final_weights(net: _Single) -> list[dict[str, torch.Tensor]]:
+    if isinstance(net, _Single):
+        return [{name: p.detach().clone() for name, p in net.model.named_parameters()}]
+    return net.replica_weights()  # type: ignore[attr-defined,unused-ignore]
+
+
+def _stack(models: list[nn.Module], batched: bool = True) -> _Single:
     if len(models) == 1:
         return _Single(models[0])
     from sbsearch.replicas import ReplicaStack
 
-    return ReplicaStack(models)  # type: ignore[return-value]
+    return ReplicaStack(models, batched=batched)  # type: ignore[return-value]
+
+
+def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], x: torch.Tensor,
+                 y: torch.Tensor, task: str, weight_decay: float,
+                 frozen: Sequence[tuple[torch.Tensor, ...]]) -> float:
+    """One full-batch L-BFGS step per replica, one replica after another; the mean loss before the steps.
+
+    The unbatched replica stack runs these same module objects, so evaluation sees the new weights.
+    """
+    n = x.shape[0]
+    losses = []
+    for model, optimizer in zip(models, optimizers):
+
+        def closure(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=x.device)
+            for i in range(0, n, LBFGS_CHUNK):
+                xb, yb = x[i : i + LBFGS_CHUNK], y[i : i + LBFGS_CHUNK]
+                loss = task_loss(model(xb).unsqueeze(0), yb, task) * (xb.shape[0] / n)  # (1, B, out) -> mean
+                loss.backward()
+                total += loss.detach()
+            if weight_decay > 0:
+                l2 = 0.5 * weight_decay * sum(p.pow(2).sum() for p in model.parameters())
+                l2.backward()  # type: ignore[union-attr]
+                total += l2.detach()  # type: ignore[union-attr]
+            # Frozen entries get no gradient, so every L-BFGS direction (built from gradients and
+            # steps alone) leaves them where they are, during the line search too.
+            for p, mask, _ in frozen:
+                if p.grad is not None:
+                    p.grad.masked_fill_(mask, 0.0)
+            return total
+
+        losses.append(float(optimizer.step(closure)))  # type: ignore[arg-type]
+    return sum(losses) / len(losses)

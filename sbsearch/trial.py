@@ -9,17 +9,18 @@ import functools
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sbsearch.data import Split, load_dataset, prepare
+from sbsearch.data import DataOptions, Split, load_dataset, prepare
 from sbsearch.errors import TrialDiverged
+from sbsearch.models import describe_model
 from sbsearch.space import TrialConfig
-from sbsearch.spec import Spec
-from sbsearch.strategies import ModelDesc, apply_model_edits
+from sbsearch.spec import Spec, data_options
+from sbsearch.strategies import ModelDesc, input_expansion
 from sbsearch.tracking import Tracker, TrackingTarget
 from sbsearch.trainer import TrainPlan, resolve_device, train
 
@@ -53,14 +54,17 @@ class TrialRecord:
     seconds: float = 0.0
     reason: str = ""
     run_id: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics after each epoch
+    logged: bool = True  # False when the tracking store failed: ``sbsearch relog`` catches up
+    tracking_error: str = ""
 
 
 ShouldPrune = Callable[[int, Mapping[str, float]], "str | None"]
 
 
 @functools.lru_cache(maxsize=4)
-def _base_split(dataset: str, val_fraction: float, seed: int) -> Split:
-    return load_dataset(dataset, val_fraction, seed)
+def _base_split(dataset: str, val_fraction: float, seed: int, options: DataOptions) -> Split:
+    return load_dataset(dataset, val_fraction, seed, options)
 
 
 def trial_run_name(number: int, config: TrialConfig) -> str:
@@ -72,23 +76,39 @@ def trial_run_name(number: int, config: TrialConfig) -> str:
 def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
     """The data and model description of one configuration."""
     settings = config.all_settings()
-    base = _base_split(spec.data.dataset, spec.data.val_fraction, spec.seed)
-    split = prepare(base, settings["expansion"], normalize=spec.data.normalize)
+    base = _base_split(spec.data.dataset, spec.data.val_fraction, spec.seed, data_options(spec.data))
+    # A control that stands in for the expansion (controls.*) leaves the data unexpanded.
+    split = prepare(base, input_expansion(settings), normalize=spec.data.normalize)
     desc = ModelDesc(spec.model.name, tuple(base.x_train.shape[1:]), base.num_outputs,
-                     width=spec.model.width, depth=spec.model.depth)
-    return split, apply_model_edits(desc, settings)
+                     width=spec.model.width, depth=spec.model.depth, first_bias=spec.model.first_bias,
+                     cifar_stem=spec.model.cifar_stem)
+    return split, describe_model(desc, settings, _expansion_constants(base, settings["expansion"], spec.data.normalize))
+
+
+def _expansion_constants(base: Split, expansion: dict[str, object], normalize: bool) -> torch.Tensor:
+    """One expanded sample holding the constants, in model units, and 0 where original values go.
+
+    A NaN sample run through the real ``prepare`` keeps NaN exactly at the original positions.
+    """
+    nan = torch.full((1, *base.x_train.shape[1:]), float("nan"))
+    probe = prepare(replace(base, x_train=nan, x_val=nan), expansion, normalize=normalize).x_train[0]
+    return torch.nan_to_num(probe, nan=0.0)
 
 
 def train_plan(spec: Spec) -> TrainPlan:
     t = spec.train
     return TrainPlan(epochs=t.epochs, batch_size=spec.data.batch_size, optimizer=t.optimizer, lr=t.lr,
                      momentum=t.momentum, weight_decay=t.weight_decay, replicas=t.replicas, seed=spec.seed,
-                     device=str(resolve_device(t.device)))
+                     device=str(resolve_device(t.device)), score_layers=t.score_layers)
 
 
 def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune: ShouldPrune,
               stop_requested: Callable[[], bool] = lambda: False) -> TrialRecord:
-    """Train one configuration, log it, and return its record. Never raises for a trial's own fault.
+    """Train one configuration, log it, and return its record. Never raises for a trial's own fault:
+    an exception, a diverging loss or running out of memory becomes a FAIL (or PRUNED) record.
+
+    If the tracking store fails mid-trial, training goes on: the record (kept by the backend's
+    storage and trials.csv) says so in ``logged``, and ``sbsearch relog`` writes it to MLflow later.
 
     Raises:
         Interrupted: when ``stop_requested()`` turns true between epochs.
@@ -96,23 +116,17 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     start = time.perf_counter()
     if ctx.threads > 0:
         torch.set_num_threads(ctx.threads)
-    tracker = Tracker(ctx.tracking) if ctx.tracking is not None else None
-    run_id = ""
-    if tracker is not None:
-        assert ctx.parent_run_id is not None
-        run_id = tracker.start_trial(ctx.parent_run_id, number, config.params, trial_run_name(number, config))
-    record = TrialRecord(number, "COMPLETE", {k: config.params[k] for k in config.searched}, run_id=run_id)
+    record = TrialRecord(number, "COMPLETE", {k: config.params[k] for k in config.searched})
+    log = _TrialLog(ctx, record, config)
     prune_reason: list[str] = []
 
     def report(epoch: int, metrics: dict[str, float]) -> bool:
-        if tracker is not None:
-            tracker.log_epoch(run_id, epoch, metrics)
+        record.history.append(dict(metrics))
+        log.epoch(epoch, metrics)
         if stop_requested():
             raise Interrupted()
-        if epoch >= ctx.spec.train.epochs:  # a trial that ran every epoch is complete, never pruned
-            return False
         reason = should_prune(epoch, metrics)
-        if reason:
+        if reason and epoch < ctx.spec.train.epochs:  # a trial that ran every epoch is complete, never pruned
             prune_reason.append(reason)
             return True
         return False
@@ -126,19 +140,63 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     except Interrupted:
         raise
     except TrialDiverged as exc:
-        record.state, record.reason = "FAIL", f"diverged: {exc}"
-        record.epochs_run = _epoch_of(exc)
+        record.state = "PRUNED" if ctx.spec.search.on_divergence == "prune" else "FAIL"
+        record.reason, record.epochs_run = f"diverged: {exc}", len(record.history)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        record.state, record.reason = "FAIL", f"out of memory: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"[:500]
+        record.epochs_run = len(record.history)
+        log.traceback(traceback.format_exc())
     except Exception as exc:  # a crashing trial must not take the sweep down
-        record.state, record.reason = "FAIL", f"{type(exc).__name__}: {exc}"[:500]
-        if tracker is not None:
-            tracker.client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+        text = str(exc)
+        # PyTorch's CPU allocator reports running out of memory as a plain RuntimeError.
+        kind = "out of memory" if "can't allocate memory" in text or "out of memory" in text.lower() else type(exc).__name__
+        record.state, record.reason = "FAIL", f"{kind}: {text.strip()}"[:500]
+        record.epochs_run = len(record.history)
+        log.traceback(traceback.format_exc())
     record.seconds = time.perf_counter() - start
-    if tracker is not None:
-        final = {**record.final, "duration_s": record.seconds, "epochs_run": float(record.epochs_run)}
-        tracker.end_trial(run_id, record.state, final, {"sbsearch.reason": record.reason} if record.reason else {})
+    log.end()
     return record
 
 
-def _epoch_of(exc: TrialDiverged) -> int:
-    words = str(exc).rsplit("epoch ", 1)
-    return int(words[1]) if len(words) == 2 and words[1].isdigit() else 0
+class _TrialLog:
+    """The trial's MLflow child run; a failing store turns logging off instead of failing the trial."""
+
+    def __init__(self, ctx: SweepContext, record: TrialRecord, config: TrialConfig) -> None:
+        self.record = record
+        self.tracker: Tracker | None = None
+        if ctx.tracking is None:
+            record.logged = False
+            return
+        assert ctx.parent_run_id is not None
+        self._safely(lambda: self._start(ctx, config))
+
+    def _start(self, ctx: SweepContext, config: TrialConfig) -> None:
+        assert ctx.tracking is not None and ctx.parent_run_id is not None
+        tracker = Tracker(ctx.tracking)
+        self.record.run_id = tracker.start_trial(ctx.parent_run_id, self.record.number, config.params,
+                                                 trial_run_name(self.record.number, config))
+        self.tracker = tracker
+
+    def _safely(self, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except Exception as exc:
+            self.tracker = None
+            self.record.logged = False
+            self.record.tracking_error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            tracker = self.tracker
+            self._safely(lambda: tracker.log_epoch(self.record.run_id, epoch, metrics))
+
+    def traceback(self, text: str) -> None:
+        if self.tracker is not None:
+            tracker = self.tracker
+            self._safely(lambda: tracker.client.log_text(self.record.run_id, text, "traceback.txt"))
+
+    def end(self) -> None:
+        if self.tracker is not None:
+            tracker, r = self.tracker, self.record
+            final = {**r.final, "duration_s": r.seconds, "epochs_run": float(r.epochs_run)}
+            self._safely(lambda: tracker.end_trial(r.run_id, r.state, final, {"sbsearch.reason": r.reason} if r.reason else {}))

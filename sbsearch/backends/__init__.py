@@ -6,7 +6,7 @@ from sbsearch.backends.base import Backend, ProgressSink, SweepInterrupted, Tria
 
 __all__ = ["Backend", "ProgressSink", "SweepInterrupted", "TrialView", "BACKENDS", "get_backend"]
 
-BACKENDS = ("optuna",)
+BACKENDS = ("optuna", "ray")
 
 
 def get_backend(name: str) -> Backend:
@@ -14,4 +14,8 @@ def get_backend(name: str) -> Backend:
         from sbsearch.backends.optuna import OptunaBackend
 
         return OptunaBackend()
+    if name == "ray":
+        from sbsearch.backends.ray import RayBackend
+
+        return RayBackend()
     raise AssertionError(f"unknown backend {name!r}; the spec validator should have caught it")

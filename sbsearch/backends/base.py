@@ -32,6 +32,9 @@ class SweepInterrupted(Exception):
 class Backend(ABC):
     """Runs the trials of a sweep until the spec's budget is met, resuming what an earlier run left."""
 
+    stopped_because: str | None = None
+    """Set by ``run`` when the sweep stopped itself before its budget (too many failures in a row)."""
+
     @abstractmethod
     def run(self, ctx: SweepContext, progress: ProgressSink) -> list[TrialRecord]:
         """Run (or resume) the sweep and return every counted trial's record, in trial order.

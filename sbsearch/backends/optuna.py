@@ -29,13 +29,13 @@ from optuna.trial import FrozenTrial, TrialState
 from sbsearch.backends.base import Backend, ProgressSink, SweepInterrupted, TrialView
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError
-from sbsearch.pruning import make_rule
-from sbsearch.space import config_from_params, grid_values, sample_config
+from sbsearch.pruning import PeerTrial, rule_for
+from sbsearch.space import config_from_params, grid_values, sample_config, trial_budget
 from sbsearch.spec import Spec
 from sbsearch.tracking import Tracker
 from sbsearch.trial import Interrupted, SweepContext, TrialRecord, run_trial
 
-__all__ = ["OptunaBackend", "open_study", "records_from_study"]
+__all__ = ["OptunaBackend", "open_study", "records_from_study", "load_study", "learning_curves", "param_importances"]
 
 _STATES = {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAIL",
            TrialState.RUNNING: "RUNNING", TrialState.WAITING: "WAITING"}
@@ -94,14 +94,6 @@ def _counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if not t.user_attrs.get(_INTERRUPTED) and t.state != TrialState.WAITING]
 
 
-def trial_budget(spec: Spec) -> int:
-    """Trials to finish: the spec's count, capped by the grid's size for grid search."""
-    if spec.search.sampler == "grid":
-        size = spec.space_size()
-        return int(min(spec.search.trials, size))
-    return spec.search.trials
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     with open(path, "a+") as handle:
@@ -120,16 +112,65 @@ def _direction(ctx: SweepContext) -> str:
     return DATASETS[ctx.spec.data.dataset].objective[1]
 
 
-def _peers_at(study: optuna.Study, epoch: int, exclude: int) -> list[float]:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t.intermediate_values[epoch] for t in done if t.number != exclude and epoch in t.intermediate_values]
+def _tell(study: optuna.Study, trial: optuna.Trial | int, value: float | None = None,
+          state: TrialState | None = None) -> None:
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        # The grid sampler calls study.stop() when the grid is used up, which only works inside
+        # study.optimize; the trial's state is stored before that, and the budget ends the sweep.
+        if "Study.stop" not in str(exc):
+            raise
 
 
-def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, worker: int = 0) -> None:
-    """Ask for trials and run them until the budget, the deadline or a stop request ends the sweep."""
+_HISTORY = "sbsearch.history"  # a running trial's metrics after each epoch, so that rules can see them
+
+
+def _peers(study: optuna.Study, exclude: int, metric: str) -> list[PeerTrial]:
+    """Every other counted trial with its metrics after each epoch, for the pruning rule."""
+    peers = []
+    for t in _counted(study.get_trials(deepcopy=False)):
+        if t.number == exclude:
+            continue
+        stored = t.user_attrs.get(_RECORD)
+        history = stored["history"] if stored and stored.get("history") else t.user_attrs.get(_HISTORY, [])
+        curve = {epoch + 1: dict(metrics) for epoch, metrics in enumerate(history)}
+        for epoch, value in t.intermediate_values.items():  # a trial recorded without its history
+            curve.setdefault(epoch, {metric: value})
+        final = t.value if t.state == TrialState.COMPLETE else None
+        peers.append(PeerTrial(t.number, _STATES.get(t.state, t.state.name), curve, final))
+    return peers
+
+
+_STOPPED = "sbsearch.stopped"
+
+
+def failures_in_a_row(study: optuna.Study, since: float) -> list[FrozenTrial]:
+    """The failed trials at the end of the list of trials finished after ``since`` (a timestamp)."""
+    finished = [t for t in _counted(study.get_trials(deepcopy=False))
+                if t.datetime_complete is not None and t.datetime_complete.timestamp() >= since]
+    finished.sort(key=lambda t: t.datetime_complete)  # type: ignore[arg-type,return-value]
+    run: list[FrozenTrial] = []
+    for t in reversed(finished):
+        if t.state != TrialState.FAIL:
+            break
+        run.append(t)
+    return run
+
+
+def stop_reason(study: optuna.Study, since: float) -> str | None:
+    """Why this run of the sweep stopped itself (too many failures in a row), if it did."""
+    value = study.user_attrs.get(_STOPPED)
+    return str(value["reason"]) if value and value.get("since") == since else None
+
+
+def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, worker: int = 0,
+                 since: float = 0.0) -> None:
+    """Ask for trials and run them until the budget, the deadline, a stop request or too many
+    failures in a row end the sweep."""
     spec = ctx.spec
     study = open_study(spec, ctx.out_dir, _direction(ctx), worker + len(study_trials(ctx)))
-    rule = make_rule(spec.search.pruner, _metric_name(ctx), _direction(ctx), spec.search.warmup_epochs)
+    rule = rule_for(spec, _metric_name(ctx), _direction(ctx))
     budget = trial_budget(spec)
     while True:
         if stop is not None and stop.is_set():
@@ -139,20 +180,28 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
                 return
             if deadline is not None and time.time() > deadline:
                 return
+            if study.user_attrs.get(_STOPPED, {}).get("since") == since:
+                return
             trial = study.ask()
             trial.set_user_attr("sbsearch.pid", os.getpid())
         try:
             config = sample_config(spec, _OptunaSuggest(trial))
         except Exception as exc:  # the sampler itself failed: record it, do not spin
             trial.set_user_attr(_RECORD, asdict(TrialRecord(trial.number, "FAIL", {}, reason=f"sampling: {exc}")))
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
             continue
 
-        def should_prune(epoch: int, metrics: Mapping[str, float], trial: optuna.Trial = trial) -> str | None:
+        history: list[dict[str, float]] = []
+
+        def should_prune(epoch: int, metrics: Mapping[str, float], trial: optuna.Trial = trial,
+                         history: list[dict[str, float]] = history) -> str | None:
             value = metrics.get(rule.metric)
             if value is not None and math.isfinite(value):
                 trial.report(value, epoch)
-            return rule.decide(epoch, metrics, _peers_at(study, epoch, trial.number))
+            # Per-layer scores stay out: peers' rules need the trial-level metrics only.
+            history.append({k: v for k, v in metrics.items() if not k.startswith("sb_score.")})
+            trial.set_user_attr(_HISTORY, history)
+            return rule.decide(epoch, metrics, _peers(study, trial.number, rule.metric), trial.number)
 
         try:
             record = run_trial(ctx, trial.number, config, should_prune,
@@ -162,9 +211,17 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
             return
         trial.set_user_attr(_RECORD, asdict(record))
         if record.state == "COMPLETE":
-            study.tell(trial, record.final[rule.metric])
+            _tell(study, trial, record.final[rule.metric])
         else:
-            study.tell(trial, state=TrialState.PRUNED if record.state == "PRUNED" else TrialState.FAIL)
+            _tell(study, trial, state=TrialState.PRUNED if record.state == "PRUNED" else TrialState.FAIL)
+        limit = spec.search.max_consecutive_failures
+        if record.state == "FAIL" and limit:
+            failed = failures_in_a_row(study, since)
+            if len(failed) >= limit:
+                study.set_user_attr(_STOPPED, {"since": since, "reason": (
+                    f"search.max_consecutive_failures: the sweep stopped after {len(failed)} failed trials in a row "
+                    f"(last: trial {record.number}, {record.reason[:200]}); fix the cause and run the same command to go on")})
+                return
 
 
 def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: str) -> None:
@@ -174,7 +231,7 @@ def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: 
     storage = study._storage
     storage.set_trial_user_attr(frozen._trial_id, _INTERRUPTED, why)
     with contextlib.suppress(Exception):  # already finished by a racing writer
-        study.tell(number, state=TrialState.FAIL)
+        _tell(study, number, state=TrialState.FAIL)
     if frozen.params:
         study.enqueue_trial(dict(frozen.params), user_attrs={"sbsearch.requeued_from": number})
     if ctx.tracking is not None and ctx.parent_run_id is not None:
@@ -196,13 +253,13 @@ def study_trials(ctx: SweepContext) -> list[FrozenTrial]:
     return storage.get_all_trials(study_id, deepcopy=False)
 
 
-def _process_worker(ctx: SweepContext, deadline: float | None, worker: int) -> None:
+def _process_worker(ctx: SweepContext, deadline: float | None, worker: int, since: float) -> None:
     with contextlib.suppress(Exception):  # Linux: die with the controller, so a killed sweep leaves no orphans
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
     if os.getppid() == 1:
         return
     try:
-        _worker_loop(ctx, deadline, None, worker)
+        _worker_loop(ctx, deadline, None, worker, since)
     except KeyboardInterrupt:
         pass
 
@@ -220,6 +277,29 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
             records.append(TrialRecord(t.number, _STATES[t.state], dict(t.params),
                                        reason=str(t.user_attrs.get("sbsearch.reason", ""))))
     return records
+
+
+def load_study(spec: Spec, out_dir: Path) -> optuna.Study | None:
+    """The sweep's study when ``out_dir`` holds one, for reading: unlike ``open_study`` it creates nothing."""
+    path = storage_path(out_dir)
+    if not path.exists():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=spec.name, storage=JournalStorage(JournalFileBackend(str(path))))
+    except KeyError:
+        return None
+
+
+def learning_curves(study: optuna.Study) -> dict[int, dict[int, float]]:
+    """The objective after each epoch (what the trial reported to the pruner), by trial number."""
+    return {t.number: dict(t.intermediate_values) for t in _counted(study.get_trials(deepcopy=False))}
+
+
+def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
+    """Optuna's fANOVA importance of each searched parameter for the objective (they sum to 1)."""
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
 
 
 def _views(study: optuna.Study, spec: Spec) -> list[TrialView]:
@@ -245,20 +325,23 @@ class OptunaBackend(Backend):
             # The controller holds the sweep lock, so a RUNNING trial is one an earlier, killed run left.
             _mark_interrupted(ctx, study, t.number, "the previous controller died while this trial ran")
         deadline = time.time() + ctx.spec.search.timeout if ctx.spec.search.timeout else None
+        since = time.time()
         if ctx.spec.search.parallel == 1:
-            self._run_in_thread(ctx, study, deadline, progress)
+            self._run_in_thread(ctx, study, deadline, progress, since)
         else:
-            self._run_in_processes(ctx, study, deadline, progress)
+            self._run_in_processes(ctx, study, deadline, progress, since)
         progress(_views(study, ctx.spec))
+        self.stopped_because = stop_reason(study, since)
         return records_from_study(study)
 
-    def _run_in_thread(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink) -> None:
+    def _run_in_thread(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink,
+                       since: float) -> None:
         stop = threading.Event()
         errors: list[BaseException] = []
 
         def target() -> None:
             try:
-                _worker_loop(ctx, deadline, stop)
+                _worker_loop(ctx, deadline, stop, 0, since)
             except BaseException as exc:  # surfaced in the controller's thread below
                 errors.append(exc)
 
@@ -275,14 +358,15 @@ class OptunaBackend(Backend):
         if errors:
             raise errors[0]
 
-    def _run_in_processes(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink) -> None:
+    def _run_in_processes(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink,
+                          since: float) -> None:
         spawn = mp.get_context("spawn")
         procs: list[Any] = []
         started = [0]
 
         def start_one() -> None:
             started[0] += 1
-            p = spawn.Process(target=_process_worker, args=(ctx, deadline, started[0]), name="sbsearch-worker", daemon=True)
+            p = spawn.Process(target=_process_worker, args=(ctx, deadline, started[0], since), name="sbsearch-worker", daemon=True)
             p.start()
             procs.append(p)
 
@@ -295,7 +379,7 @@ class OptunaBackend(Backend):
                 for p in [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]:
                     procs.remove(p)
                     self._bury(ctx, study, p.pid, p.exitcode)
-                    if len(_counted(study.get_trials(deepcopy=False))) < trial_budget(ctx.spec):
+                    if len(_counted(study.get_trials(deepcopy=False))) < trial_budget(ctx.spec) and not stop_reason(study, since):
                         start_one()
         except KeyboardInterrupt:
             for p in procs:
@@ -316,7 +400,7 @@ class OptunaBackend(Backend):
                 reason = f"worker process died (exit code {exitcode})"
                 record = TrialRecord(t.number, "FAIL", dict(t.params), reason=reason)
                 study._storage.set_trial_user_attr(t._trial_id, _RECORD, asdict(record))
-                study.tell(t.number, state=TrialState.FAIL)
+                _tell(study, t.number, state=TrialState.FAIL)
                 if ctx.tracking is not None and ctx.parent_run_id is not None:
                     tracker = Tracker(ctx.tracking)
                     for run in tracker.trial_runs(ctx.parent_run_id):

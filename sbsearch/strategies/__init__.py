@@ -6,14 +6,29 @@ The order is the order in which they edit a model description.
 
 from __future__ import annotations
 
+from sbsearch.strategies.asymmetry import ASYMMETRY
 from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
+from sbsearch.strategies.controls import CONTROLS, input_expansion, replaces_expansion
 from sbsearch.strategies.dropout import DROPOUT
+from sbsearch.strategies.equivariance import EQUIVARIANCE
 from sbsearch.strategies.expansion import EXPANSION, expand
 from sbsearch.strategies.norm import NORM
 
-__all__ = ["STRATEGIES", "Knob", "ModelDesc", "Settings", "Strategy", "expand", "apply_model_edits"]
+__all__ = [
+    "STRATEGIES",
+    "Knob",
+    "ModelDesc",
+    "Settings",
+    "Strategy",
+    "apply_model_edits",
+    "expand",
+    "input_expansion",
+    "replaces_expansion",
+]
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (EXPANSION, DROPOUT, NORM)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s for s in (EXPANSION, EQUIVARIANCE, DROPOUT, NORM, ASYMMETRY, CONTROLS)
+}
 
 
 def apply_model_edits(desc: ModelDesc, settings: dict[str, dict[str, object]]) -> ModelDesc:

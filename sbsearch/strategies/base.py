@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["Knob", "Strategy", "ModelDesc", "Settings"]
+__all__ = ["Knob", "ModelDesc", "Settings", "Strategy"]
 
 Settings = Mapping[str, object]
 """One strategy's knob values, by knob name (``{"factor": 2, "fill": 0.5}``)."""
@@ -33,6 +33,8 @@ class Knob:
     low: float | None = None
     high: float | None = None
     high_open: bool = False
+    low_open: bool = False
+    presets: tuple[str, ...] = ()
 
     def rule(self) -> str:
         """The rule a value must follow, in the words of an error message."""
@@ -42,27 +44,31 @@ class Knob:
             return "must be true or false"
         noun = "an integer" if self.kind == "int" else "a finite number"
         if self.low is not None and self.high is not None:
-            right = ")" if self.high_open else "]"
-            return f"must be {noun} in [{_num(self.low)}, {_num(self.high)}{right}"
-        if self.low is not None:
-            return f"must be {noun} >= {_num(self.low)}"
-        if self.high is not None:
-            return f"must be {noun} {'<' if self.high_open else '<='} {_num(self.high)}"
-        return f"must be {noun}"
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            words = f"must be {noun} in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        elif self.low is not None:
+            words = f"must be {noun} {'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.high is not None:
+            words = f"must be {noun} {'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            words = f"must be {noun}"
+        return words + "".join(f" or {p!r}" for p in self.presets)
 
     def accepts(self, value: object) -> bool:
-        """True when ``value`` follows this knob's rule."""
+        """True when ``value`` follows this knob's rule (a number in range, or one of the presets)."""
         if self.kind == "choice":
             return any(value == c and type(value) is type(c) for c in self.choices)
         if self.kind == "bool":
             return isinstance(value, bool)
+        if isinstance(value, str) and value in self.presets:
+            return True
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
             return False
         if not math.isfinite(value):
             return False
-        if self.low is not None and value < self.low:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             return False
@@ -98,6 +104,22 @@ class ModelDesc:
     dropout_where: str = "all"
     stem_stride: int = 1
     stem_kernel: int = 3
+    # The width-matched control widens only the first layer (0 = ``width``).
+    first_width: int = 0
+    # torchvision models: a 3x3 stride-1 first conv and no stem max-pool, for small (32x32) images.
+    cifar_stem: bool = False
+    # Group-equivariant blocks of small_cnn: "none", "stem", "early" or "all", for group "c4" or "d4".
+    equivariant_layers: str = "none"
+    equivariant_group: str = "c4"
+    # Asked of training rather than of the architecture: the trainer applies these.
+    augment_group: str = "none"  # random group elements applied to every training image
+    penalty_group: str = "none"  # a loss term penalty_weight * mean |f(g.x) - f(x)|^2
+    penalty_weight: float = 0.0
+    frozen_fraction: float = 0.0  # share of every conv/linear weight frozen at fixed random values
+    bias_lr_multiplier: float | str = 1.0  # on the first layer's bias; "auto" until resolved by the data
+    # "zero" zeroes the first layer's bias after the seeded initialisation: with zero biases, constant
+    # inputs are the only offset the first layer starts with (the 1-D function study's condition).
+    first_bias: str = "default"
 
     @property
     def is_image(self) -> bool:

@@ -18,9 +18,21 @@ def _edit_model(desc: ModelDesc, settings: Settings) -> ModelDesc:
     )
 
 
+# Models with dropout between their blocks (where: all); torchvision's ResNets and MobileNets have
+# dropout only before their classifier, and DenseNet's own dropout is element-wise.
+BLOCK_DROPOUT_MODELS = ("mlp", "small_cnn", "densenet121")
+CHANNEL_DROPOUT_MODELS = ("small_cnn",)
+
+
 def _incompatible(settings: Settings, model: str, input_kind: str) -> str | None:
-    if settings["kind"] == "channel" and model == "mlp" and float(settings["rate"]) > 0:  # type: ignore[arg-type]
+    if float(settings["rate"]) == 0:  # type: ignore[arg-type]
+        return None
+    if settings["kind"] == "channel" and model == "mlp":
         return "channel dropout needs feature maps; the mlp has none (use kind: element)"
+    if settings["where"] == "all" and model not in BLOCK_DROPOUT_MODELS:
+        return f"{model} has dropout only before its classifier (use where: head)"
+    if settings["kind"] == "channel" and model not in CHANNEL_DROPOUT_MODELS:
+        return f"{model} has element-wise dropout only (use kind: element)"
     return None
 
 

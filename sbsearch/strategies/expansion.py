@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
 
-__all__ = ["EXPANSION", "expand_image", "expand_vector", "expand"]
+__all__ = ["EXPANSION", "expand", "expand_image", "expand_vector"]
 
 IMAGE_LAYOUTS = ("grid", "border", "upsample")
 VECTOR_LAYOUTS = ("grid", "border", "upsample", "before", "after")
@@ -124,7 +124,8 @@ EXPANSION = Strategy(
     doc="input dimension expansion: original values on a sparse grid, a constant elsewhere",
     knobs=(
         Knob("factor", "int", 1, "expansion factor K (1 = off): N x N images become NK x NK", low=1, high=8),
-        Knob("fill", "float", 0.5, "the constant at every added position"),
+        Knob("fill", "float", 0.5, "the constant at every added position (specs may write pi, 2pi, pi/2: "
+             "pi was the best constant for 1-D function fits)"),
         Knob("layout", "choice", "grid", "where the original values go", choices=VECTOR_LAYOUTS),
         Knob("offset", "choice", "start", "grid position of the original value in each K-cell",
              choices=("start", "center")),

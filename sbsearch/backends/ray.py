@@ -1,0 +1,442 @@
+"""The Ray Tune backend: the same spec, search space, pruning rules and records, on a Ray cluster.
+
+How the pieces map onto Ray Tune:
+
+- **Search**: ``OptunaSearch`` with a define-by-run space that calls ``sample_config``, over the same
+  journal file study as the Optuna backend (``OUT/optuna.journal``), so a trial's number, parameters,
+  per-epoch metric and final record (``sbsearch.record``) live where ``trials.csv`` is built from.
+- **Pruning**: the spec's rule (``sbsearch.pruning``) decides inside the trial after each epoch, seeing
+  the other trials (their states and metrics after each epoch) through a small actor on the driver's
+  node; ``asha`` and ``ray_hyperband`` are Ray's own schedulers instead. A trial that Ray stops is
+  recorded PRUNED (Ray's ``OptunaSearch`` alone would record it COMPLETE), one whose retries ran out FAIL.
+- **MLflow**: each trial logs its own child run under the sweep's parent from inside the trial; the
+  driver only closes the run of a trial that could not (stopped by a scheduler, node lost).
+- **Resume**: the experiment lives in ``OUT/ray/experiment``; the same command restores it with
+  ``Tuner.restore`` and re-runs what was running. A trial always logs to one MLflow run: an attempt
+  deletes whatever an earlier, unfinished attempt of the same trial left.
+- **Faults**: ``FailureConfig(max_failures=ray.max_failures)`` re-runs a trial whose worker or node died
+  on the nodes that remain.
+
+Only this module imports Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from sbsearch.backends import optuna as optuna_backend
+from sbsearch.backends.base import Backend, ProgressSink, SweepInterrupted
+from sbsearch.data import DATASETS
+from sbsearch.errors import SbsearchError
+from sbsearch.pruning import PeerTrial, PruningRule, rule_for
+from sbsearch.space import config_from_params, sample_config
+from sbsearch.spec import RAY_SCHEDULERS, Spec
+from sbsearch.tracking import Tracker
+from sbsearch.trial import SweepContext, TrialRecord, run_trial, trial_run_name
+
+__all__ = ["RayBackend", "experiment_path"]
+
+_NUMBER = "sbsearch.number"  # the Optuna trial number, carried in each Ray trial's config
+_STATE = "sbsearch_state"  # the state a trial reports in its last Ray result
+_NAMESPACE = "sbsearch"
+_MODES = {"maximize": "max", "minimize": "min"}
+# Ray's own bookkeeping in a result; everything else a trial reports is one of its metrics.
+_RAY_KEYS = {"epoch", _STATE, "done", "trial_id", "experiment_tag", "training_iteration", "time_total_s",
+             "time_this_iter_s", "time_since_restore", "iterations_since_restore", "timestamp", "date", "pid",
+             "hostname", "node_ip", "checkpoint_dir_name", "timesteps_total", "episodes_total",
+             "timesteps_since_restore", "should_checkpoint"}
+
+
+def experiment_path(out_dir: Path) -> Path:
+    """Where Ray Tune keeps the sweep's experiment state (what ``Tuner.restore`` reads)."""
+    return out_dir / "ray" / "experiment"
+
+
+# --- the board: finished trials' curves and records, shared by the trials and the driver --------------------
+
+
+class _Board:
+    """Every trial of the sweep as the pruning rules see it (``PeerTrial``: state and metrics after each
+    epoch), plus the records of finished trials. Lives in one small actor on the driver's node, so
+    trials on any node share it and losing a worker loses nothing of it."""
+
+    def __init__(self, peers: list[PeerTrial]) -> None:
+        self.trials = {p.number: p for p in peers}
+        self.records: dict[int, dict[str, Any]] = {}
+
+    def report(self, number: int, epoch: int, metrics: dict[str, float]) -> list[PeerTrial]:
+        """Note a running trial's metrics after ``epoch`` and return the other trials."""
+        old = self.trials.get(number)
+        # A re-run (after a lost node) starts again at epoch 1: what its earlier attempt said is dropped.
+        history = {e: m for e, m in old.history.items() if e < epoch} if old is not None else {}
+        self.trials[number] = PeerTrial(number, "RUNNING", {**history, epoch: metrics})
+        return [p for n, p in self.trials.items() if n != number]
+
+    def finish(self, record: dict[str, Any], final: float | None) -> None:
+        number = record["number"]
+        self.records[number] = record
+        old = self.trials.get(number)
+        history = {i + 1: _trial_level(m) for i, m in enumerate(record.get("history") or [])}
+        self.trials[number] = PeerTrial(number, record["state"], history or (old.history if old else {}),
+                                        final if record["state"] == "COMPLETE" else None)
+
+    def record(self, number: int) -> dict[str, Any] | None:
+        return self.records.get(number)
+
+
+def _trial_level(metrics: Mapping[str, float]) -> dict[str, float]:
+    # Per-layer scores stay out, as in the Optuna backend: the rules need the trial-level metrics only.
+    return {k: float(v) for k, v in metrics.items() if not k.startswith("sb_score.")}
+
+
+@dataclass
+class _Session:
+    """What the driver's searcher needs from this run; the searcher itself is pickled into Ray's
+    experiment state and restored from there, so it finds the live objects here rather than in itself."""
+
+    ctx: SweepContext
+    board: str
+    deadline: float | None
+
+
+_SESSION: _Session | None = None
+
+
+def _board(name: str) -> Any:
+    return ray.get_actor(name, namespace=_NAMESPACE)
+
+
+# --- inside a trial -------------------------------------------------------------------------------------
+
+
+def _delete_runs_of(ctx: SweepContext, number: int) -> None:
+    """An earlier attempt of this trial (on a lost node, or before an interruption) left a run behind:
+    the attempt starting now is the trial's record, so it starts from a clean run."""
+    if ctx.tracking is None or ctx.parent_run_id is None:
+        return
+    tracker = Tracker(ctx.tracking)
+    for run in tracker.trial_runs(ctx.parent_run_id):
+        if run.data.tags.get("sbsearch.trial_number") == str(number):
+            tracker.client.delete_run(run.info.run_id)
+
+
+def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: PruningRule | None) -> None:
+    """One Ray trial: ``run_trial``, telling Ray and the board about every epoch."""
+    number = int(config[_NUMBER])
+    trial_config = config_from_params(ctx.spec, {k: v for k, v in config.items() if k != _NUMBER})
+    handle = _board(board)
+    _delete_runs_of(ctx, number)
+    metric = DATASETS[ctx.spec.data.dataset].objective[0]
+    last: dict[str, float] = {}
+
+    def should_prune(epoch: int, metrics: Mapping[str, float]) -> str | None:
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        last.clear()
+        last.update(numbers)
+        # Ray's scheduler (asha, ray_hyperband) decides here: a stop ends this thread inside the report.
+        # The last epoch goes to Ray with the trial's record (below), so a trial that ran every epoch
+        # is never cut short before it recorded itself COMPLETE.
+        if epoch < ctx.spec.train.epochs:
+            tune.report({**numbers, "epoch": epoch})
+        peers = ray.get(handle.report.remote(number, epoch, _trial_level(numbers)))
+        return None if rule is None else rule.decide(epoch, metrics, peers, number)
+
+    record = run_trial(ctx, number, trial_config, should_prune)
+    ray.get(handle.finish.remote(asdict(record), record.final.get(metric)))
+    # The last result states the outcome, so Ray's records agree with Optuna's, MLflow's and trials.csv.
+    metrics = {} if record.state == "FAIL" else ({k: v for k, v in record.final.items() if math.isfinite(v)} or last)
+    tune.report({**metrics, "epoch": record.epochs_run, _STATE: record.state})
+
+
+# --- the driver's searcher ------------------------------------------------------------------------------
+
+
+def _define_space(spec: Spec, trial: Any) -> dict[str, Any]:
+    """Ray's define-by-run space: the backend-neutral sampler, plus the trial's number."""
+    sample_config(spec, optuna_backend._OptunaSuggest(trial))
+    return {_NUMBER: trial.number}
+
+
+def _metrics_of(result: Mapping[str, Any] | None) -> dict[str, float]:
+    if not result:
+        return {}
+    return {k: float(v) for k, v in result.items() if k not in _RAY_KEYS and not k.startswith("config/")
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _close_run(ctx: SweepContext, record: TrialRecord, params: Mapping[str, Any]) -> str:
+    """Finish the MLflow run of a trial that could not finish it itself; create it if it never started."""
+    if ctx.tracking is None or ctx.parent_run_id is None:
+        return ""
+    tracker = Tracker(ctx.tracking)
+    runs = [r for r in tracker.trial_runs(ctx.parent_run_id) if r.data.tags.get("sbsearch.trial_number") == str(record.number)]
+    if runs:
+        run_id = runs[0].info.run_id
+    else:
+        config = config_from_params(ctx.spec, params)
+        run_id = tracker.start_trial(ctx.parent_run_id, record.number, config.params, trial_run_name(record.number, config))
+    final = {**record.final, "duration_s": record.seconds, "epochs_run": float(record.epochs_run)}
+    tracker.end_trial(run_id, record.state, final, {"sbsearch.reason": record.reason})
+    return str(run_id)
+
+
+def _hide_run(ctx: SweepContext, number: int) -> None:
+    _delete_runs_of(ctx, number)
+
+
+class _SweepSearch(OptunaSearch):
+    """Ray's ``OptunaSearch`` over the sweep's journal study, recording each trial as sbsearch does.
+
+    Differences from the parent: the Optuna step is the epoch (Ray's iteration counts the final
+    report too); a trial that Ray stopped is PRUNED and one that errored is FAIL, each with the
+    trial's full record; no new trials after ``search.timeout``.
+    """
+
+    def suggest(self, trial_id: str) -> dict[Any, Any] | None:
+        session = _SESSION
+        if session is not None and session.deadline is not None and time.time() > session.deadline:
+            return Searcher.FINISHED  # type: ignore[return-value]  # Ray's "no more trials" marker
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if ot_trial is None or not isinstance(value, (int, float)) or not math.isfinite(value) or epoch is None:
+            return
+        with warnings.catch_warnings():  # the final report repeats the last epoch: Optuna ignores it
+            warnings.simplefilter("ignore")
+            ot_trial.report(float(value), int(epoch))
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        session, study = _SESSION, self._ot_study
+        assert session is not None and study is not None, "the searcher runs only inside RayBackend.run"
+        number, params = ot_trial.number, dict(ot_trial.params)
+        stored = None
+        with contextlib.suppress(Exception):  # the board is gone when the driver is shutting down
+            stored = ray.get(_board(session.board).record.remote(number))
+        if stored is not None:
+            record = _record_from(stored)
+        elif result is None and not error:
+            # Never started (the sweep ended first): not one of the sweep's trials.
+            ot_trial.set_user_attr(optuna_backend._INTERRUPTED, "the sweep ended before this trial started")
+            optuna_backend._tell(study, ot_trial, state=TrialState.FAIL)
+            _hide_run(session.ctx, number)
+            return
+        else:
+            record = _record_of_stopped_trial(session.ctx, number, params, result, error)
+            record.run_id = _close_run(session.ctx, record, params)
+            with contextlib.suppress(Exception):
+                ray.get(_board(session.board).finish.remote(asdict(record), record.final.get(self.metric)))
+            if result is not None:  # Ray does not pass the result that made it stop to on_trial_result
+                self.on_trial_result(trial_id, result)
+        ot_trial.set_user_attr(optuna_backend._RECORD, asdict(record))
+        value = record.final.get(self.metric)
+        if record.state == "COMPLETE" and value is not None and math.isfinite(value):
+            optuna_backend._tell(study, ot_trial, value)
+        else:
+            optuna_backend._tell(study, ot_trial, state=TrialState.PRUNED if record.state == "PRUNED" else TrialState.FAIL)
+
+
+def _record_from(stored: Mapping[str, Any]) -> TrialRecord:
+    # A worker may run a newer or older sbsearch than the driver during an upgrade: keep the known fields.
+    known = {f.name for f in fields(TrialRecord)}
+    return TrialRecord(**{k: v for k, v in stored.items() if k in known})
+
+
+def _record_of_stopped_trial(ctx: SweepContext, number: int, params: dict[str, Any], result: Mapping[str, Any] | None,
+                             error: bool) -> TrialRecord:
+    spec = ctx.spec
+    epoch = int((result or {}).get("epoch", 0) or 0)
+    if error:
+        reason = (f"ray: the trial's worker failed {spec.ray.max_failures + 1} time(s) (a lost node, a killed process "
+                  f"or an error outside the trial); see {experiment_path(ctx.out_dir)}")
+        state = "FAIL"
+    elif epoch >= spec.train.epochs:  # stopped at its last epoch: it ran every epoch, so it is complete
+        reason, state = "", "COMPLETE"
+    else:
+        reason = f"{spec.search.pruner}: Ray Tune's scheduler stopped the trial at epoch {epoch}"
+        state = "PRUNED"
+    seconds = float((result or {}).get("time_total_s", 0.0) or 0.0)
+    return TrialRecord(number, state, params, _metrics_of(result), epochs_run=epoch, seconds=seconds, reason=reason)
+
+
+# --- the backend ----------------------------------------------------------------------------------------
+
+
+def _scheduler(spec: Spec, metric: str, direction: str) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    epochs, grace = spec.train.epochs, max(1, spec.search.warmup_epochs)
+    if spec.search.pruner == "asha":
+        return ASHAScheduler(time_attr="epoch", metric=metric, mode=_MODES[direction], max_t=epochs,
+                             grace_period=min(grace, epochs), reduction_factor=3)
+    if spec.search.pruner == "ray_hyperband":
+        return HyperBandScheduler(time_attr="epoch", metric=metric, mode=_MODES[direction], max_t=epochs,
+                                  reduction_factor=3)
+    return FIFOScheduler()  # type: ignore[no-untyped-call]
+
+
+def _connect(spec: Spec) -> bool:
+    """Join ``ray.address`` or start Ray here; True when this call started it (and must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = spec.ray.address
+    _probe(address)
+    try:
+        ray.init(address=address, namespace=_NAMESPACE, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to start or join is the user's to fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        auth = " (token authentication: set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN)" if address else ""
+        raise SbsearchError(f"ray.address: Ray must start or be reachable, but {address or 'a local Ray'!s} "
+                            f"failed: {first[:200]}{auth}") from None
+    return True
+
+
+def _probe(address: str | None) -> None:
+    """Ray retries an unreachable head for minutes; a plain TCP connect says so in seconds."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SbsearchError(f"ray.address: must be host:port, auto or a ray:// URI, but got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise SbsearchError(f"ray.address: a Ray head must listen at {address}, but connecting failed: "
+                            f"{exc.strerror or exc}") from None
+
+
+class RayBackend(Backend):
+    """Runs a sweep's trials as Ray Tune trials, on this machine or the cluster at ``ray.address``."""
+
+    poll_seconds = 0.5
+
+    def run(self, ctx: SweepContext, progress: ProgressSink) -> list[TrialRecord]:
+        global _SESSION
+        spec = ctx.spec
+        metric, direction = DATASETS[spec.data.dataset].objective
+        # Each trial gets the CPUs Ray reserved for it as torch threads.
+        ctx = replace(ctx, threads=spec.train.threads or max(1, int(spec.ray.cpus_per_trial)))
+        study = optuna_backend.open_study(spec, ctx.out_dir, direction)  # creates the journal and checks the direction
+        started = _connect(spec)
+        board_name = f"sbsearch-board-{uuid.uuid4().hex[:12]}"
+        try:
+            board: Any = ray.remote(num_cpus=0)(_Board).options(
+                name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(_finished_peers(study, metric))
+            ray.get(board.record.remote(-1))  # placed and running before any trial asks
+            deadline = time.time() + spec.search.timeout if spec.search.timeout else None
+            _SESSION = _Session(ctx, board_name, deadline)
+            rule = None if spec.search.pruner in RAY_SCHEDULERS else rule_for(spec, metric, direction)
+            trainable = tune.with_resources(
+                tune.with_parameters(_trainable, ctx=ctx, board=board_name, rule=rule),
+                {"cpu": spec.ray.cpus_per_trial, "gpu": spec.ray.gpus_per_trial})
+            tuner = self._tuner(ctx, study, trainable, metric, direction)
+            if self._fit(tuner, study, spec, progress) or _unfinished(study, spec, deadline):
+                raise SweepInterrupted()
+            _forget_orphans(ctx, study)
+            progress(optuna_backend._views(study, spec))
+            return optuna_backend.records_from_study(study)
+        finally:
+            _SESSION = None
+            if started:
+                ray.shutdown()
+
+    def _tuner(self, ctx: SweepContext, study: optuna.Study, trainable: Any, metric: str, direction: str) -> Any:
+        path = experiment_path(ctx.out_dir)
+        if tune.Tuner.can_restore(str(path)):
+            # Finished trials stay finished (errored ones too); the ones that were running start again.
+            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
+                                      restart_errored=False)
+        spec = ctx.spec
+        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get(optuna_backend._INTERRUPTED)]
+        search = _SweepSearch(
+            functools.partial(_define_space, spec), metric=metric, mode=_MODES[direction],
+            sampler=optuna_backend._sampler(spec, len(study.trials)), study_name=spec.name, storage=study._storage)
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=_scheduler(spec, metric, direction),
+                                        num_samples=max(1, optuna_backend.trial_budget(spec) - len(done)),  # type: ignore[attr-defined]
+                                        max_concurrent_trials=spec.search.parallel,
+                                        # a warm worker skips the imports and data loading: seconds per trial
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures)),
+        )
+
+    def _fit(self, tuner: Any, study: optuna.Study, spec: Spec, progress: ProgressSink) -> bool:
+        """Run Tune, showing progress from the journal; True when the user interrupted it twice."""
+        stop = threading.Event()
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: sbsearch's display, not Tune's tables
+
+        def show() -> None:
+            while not stop.wait(self.poll_seconds):
+                with contextlib.suppress(Exception):  # a half-written journal line: next time
+                    progress(optuna_backend._views(study, spec))
+
+        shower = threading.Thread(target=show, name="sbsearch-progress", daemon=True)
+        shower.start()
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:  # a second Ctrl-C, while Tune was saving
+            return True
+        finally:
+            stop.set()
+            shower.join()
+        return False
+
+
+def _on_this_node() -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The board holds what finished trials left; on the driver's node it survives the loss of any worker.
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _unfinished(study: optuna.Study, spec: Spec, deadline: float | None) -> bool:
+    """Tune returns normally when Ctrl-C stopped it (after saving its state): the sweep was interrupted
+    when trials are still running and the budget is not met."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(optuna_backend._INTERRUPTED)]
+    running = any(t.state == TrialState.RUNNING for t in trials)
+    counted = sum(t.state.is_finished() for t in trials)
+    budget: int = optuna_backend.trial_budget(spec)  # type: ignore[attr-defined]
+    return running and counted < budget and (deadline is None or time.time() < deadline)
+
+
+def _finished_peers(study: optuna.Study, metric: str) -> list[PeerTrial]:
+    """The peers a resumed sweep starts with: its finished trials (running ones start again)."""
+    return [p for p in optuna_backend._peers(study, -1, metric) if p.state != "RUNNING"]
+
+
+def _forget_orphans(ctx: SweepContext, study: optuna.Study) -> None:
+    """Trials asked for after Ray's last saved state, before the driver was killed, belong to no Ray
+    trial: once the sweep is complete, they are marked interrupted (not counted) and their runs deleted."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, optuna_backend._INTERRUPTED, "its Ray trial was lost with the driver")
+        optuna_backend._tell(study, t.number, state=TrialState.FAIL)
+        _hide_run(ctx, t.number)
+

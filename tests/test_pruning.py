@@ -1,0 +1,208 @@
+"""The pruning rules on handcrafted peer histories, and one real Optuna sweep per score-driven rule."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from sbsearch.pruning import (
+    CombinedRule,
+    HyperbandRule,
+    MedianRule,
+    PeerTrial,
+    SuccessiveHalvingRule,
+    WassersteinRule,
+    learned_sign,
+    make_rule,
+)
+from sbsearch.spec import parse_spec
+from sbsearch.sweep import run_sweep
+from tests.conftest import tiny_spec_dict
+from tests.test_sweep import check_records_agree
+
+ACC = "val_accuracy"
+
+
+def done(number: int, curve: dict[int, tuple[float, float]], final: float) -> PeerTrial:
+    """A completed peer: {epoch: (accuracy, sb_score)} and its final accuracy."""
+    return PeerTrial(number, "COMPLETE", {e: {ACC: a, "sb_score": s} for e, (a, s) in curve.items()}, final)
+
+
+def running(number: int, curve: dict[int, tuple[float, float]], state: str = "RUNNING") -> PeerTrial:
+    return PeerTrial(number, state, {e: {ACC: a, "sb_score": s} for e, (a, s) in curve.items()})
+
+
+# Five completed trials where a high score at epoch 2 goes with a high final accuracy.
+RISING = [done(i, {1: (0.5, s), 2: (0.6 + 0.01 * i, s)}, final) for i, (s, final) in
+          enumerate([(0.1, 0.80), (0.2, 0.85), (0.3, 0.88), (0.4, 0.91), (0.5, 0.95)])]
+
+
+def flipped(peers: list[PeerTrial]) -> list[PeerTrial]:
+    """The same trials with every final accuracy mirrored: the correlation changes sign."""
+    return [PeerTrial(p.number, p.state, p.history, None if p.final is None else 1.8 - p.final) for p in peers]
+
+
+def test_median_rule_compares_with_completed_peers_only() -> None:
+    rule = MedianRule(ACC, "maximize", warmup_epochs=2)
+    peers = [done(i, {2: (a, 0.0)}, a) for i, a in enumerate([0.6, 0.7, 0.8])]
+    assert rule.decide(2, {ACC: 0.65}, peers) is not None
+    assert rule.decide(2, {ACC: 0.75}, peers) is None
+    assert rule.decide(1, {ACC: 0.1}, peers) is None  # warm-up
+    assert rule.decide(2, {ACC: 0.1}, peers[:2]) is None  # too few peers
+    # Running and pruned peers do not count for the median, and bare floats are completed peers.
+    assert rule.decide(2, {ACC: 0.65}, [running(9, {2: (0.0, 0.0)}, s) for s in ("RUNNING", "PRUNED")] * 3) is None
+    assert rule.decide(2, {ACC: 0.65}, [0.6, 0.7, 0.8]) is not None
+    assert MedianRule("val_mse", "minimize", 1).decide(1, {"val_mse": 0.5}, [0.1, 0.2, 0.3]) is not None
+
+
+def test_successive_halving_keeps_the_top_third_at_rungs_only() -> None:
+    rule = SuccessiveHalvingRule(ACC, "maximize", warmup_epochs=1, reduction_factor=3)
+    # Five peers reached epoch 1, one of them still running and one pruned later: all count at the rung.
+    peers = [running(0, {1: (0.9, 0)}), running(1, {1: (0.8, 0)}, "PRUNED"), done(2, {1: (0.7, 0)}, 0.9),
+             done(3, {1: (0.6, 0)}, 0.9), done(4, {1: (0.5, 0)}, 0.9)]
+    # 6 trials at the rung: the best 2 go on.
+    assert rule.decide(1, {ACC: 0.95}, peers) is None
+    assert rule.decide(1, {ACC: 0.85}, peers) is None
+    reason = rule.decide(1, {ACC: 0.75}, peers)
+    assert reason is not None and reason.startswith("successive_halving") and "ranks 3 of 6" in reason
+    assert rule.decide(2, {ACC: 0.1}, [running(i, {2: (0.9, 0)}) for i in range(5)]) is None  # 2 is no rung
+    assert rule.decide(3, {ACC: 0.1}, [running(i, {3: (0.9, 0)}) for i in range(5)]) is not None  # 3 is
+    assert rule.decide(1, {ACC: 0.1}, peers[:2]) is None  # too few peers
+
+
+def test_hyperband_compares_within_the_trials_bracket() -> None:
+    rule = HyperbandRule(ACC, "maximize", warmup_epochs=1, reduction_factor=3, epochs=9)
+    assert rule.brackets == 2  # first rungs at 1 and 3; 9 is the last epoch
+    peers = [running(n, {1: (0.9, 0), 3: (0.9, 0)}) for n in range(10)]
+    # Trial 10 is in bracket 0 (first rung 1), compared with trials 0, 2, 4, 6, 8 (all better).
+    assert rule.decide(1, {ACC: 0.5}, peers, number=10) is not None
+    # Trial 11 is in bracket 1: no rung at epoch 1, its first judgement comes at epoch 3.
+    assert rule.decide(1, {ACC: 0.5}, peers, number=11) is None
+    reason = rule.decide(3, {ACC: 0.5}, peers, number=11)
+    assert reason is not None and "bracket 1 of 2" in reason and "of 6 trials" in reason
+
+
+def test_learned_direction_follows_the_sign_of_the_correlation() -> None:
+    assert learned_sign(RISING, 2, "sb_score", alpha=0.05, min_finished=5)[0] == 1
+    assert learned_sign(flipped(RISING), 2, "sb_score", alpha=0.05, min_finished=5)[0] == -1
+    assert learned_sign(RISING[:4], 2, "sb_score", alpha=0.05, min_finished=5)[0] == 0  # too few
+    assert learned_sign(RISING[:4], 2, "sb_score", alpha=0.05, min_finished=4)[0] == 0  # not significant
+    rule = WassersteinRule(ACC, "maximize", warmup_epochs=2, fallback="none")
+    low, high = {ACC: 0.7, "sb_score": 0.15}, {ACC: 0.7, "sb_score": 0.45}
+    reason = rule.decide(2, low, RISING)
+    assert reason is not None and "learned: high is good" in reason
+    assert rule.decide(2, high, RISING) is None
+    reason = rule.decide(2, high, flipped(RISING))
+    assert reason is not None and "learned: low is good" in reason
+    assert rule.decide(2, low, flipped(RISING)) is None
+    # For an objective to minimise, the same positive correlation makes a low score good.
+    mse = [PeerTrial(p.number, p.state, {e: {"val_mse": 1 - m[ACC], "sb_score": m["sb_score"]} for e, m in p.history.items()},
+                     p.final) for p in RISING]
+    assert WassersteinRule("val_mse", "minimize", 2, fallback="none").decide(2, {"val_mse": 0.3, "sb_score": 0.45}, mse) is not None
+
+
+def test_wasserstein_with_a_fixed_direction_and_its_fallback() -> None:
+    rule = WassersteinRule(ACC, "maximize", warmup_epochs=2, score_direction="low_is_good", quantile=0.5)
+    peers = [running(i, {2: (0.5, s)}) for i, s in enumerate([0.1, 0.2, 0.3, 0.4])]  # nothing completed yet
+    assert rule.decide(2, {ACC: 0.9, "sb_score": 0.35}, peers) is not None  # 3 of 4 peers are better
+    assert rule.decide(2, {ACC: 0.1, "sb_score": 0.25}, peers) is None  # half are better: not in the worst half
+    assert rule.decide(1, {ACC: 0.1, "sb_score": 9.9}, peers) is None  # warm-up
+    assert rule.decide(2, {ACC: 0.1, "sb_score": 9.9}, peers[:2]) is None  # too few peers
+    narrow = WassersteinRule(ACC, "maximize", 2, score_direction="high_is_good", quantile=0.25)
+    assert narrow.decide(2, {ACC: 0.5, "sb_score": 0.15}, peers) is None  # only 3 of 4 better, not all
+    assert narrow.decide(2, {ACC: 0.5, "sb_score": 0.05}, peers) is not None
+    # Learned, with nothing completed: the median fallback decides on the accuracy.
+    learned = WassersteinRule(ACC, "maximize", warmup_epochs=2)
+    half = [done(i, {2: (a, 0.1 * i)}, 0.9) for i, a in enumerate([0.6, 0.7, 0.8])]
+    reason = learned.decide(2, {ACC: 0.5, "sb_score": 0.3}, half)
+    assert reason is not None and reason.startswith("median:") and "direction not known yet" in reason
+    assert WassersteinRule(ACC, "maximize", 2, fallback="none").decide(2, {ACC: 0.5, "sb_score": 0.3}, half) is None
+
+
+def test_combined_rule_predicts_the_final_metric_from_metric_and_score() -> None:
+    # The final accuracy is early accuracy + score: neither alone orders the trials.
+    finals = [(0.60, 0.30), (0.70, 0.10), (0.65, 0.25), (0.80, 0.05), (0.62, 0.20), (0.75, 0.15)]
+    peers = [done(i, {2: (a, s)}, a + s) for i, (a, s) in enumerate(finals)]
+    rule = CombinedRule(ACC, "maximize", warmup_epochs=2, quantile=0.5, fallback="none")
+    # Predicted 0.58 + 0.40 = 0.98: better than every peer although its accuracy is the lowest.
+    assert rule.decide(2, {ACC: 0.58, "sb_score": 0.40}, peers) is None
+    reason = rule.decide(2, {ACC: 0.72, "sb_score": 0.0}, peers)  # 0.72: worse than 5 of 6
+    assert reason is not None and reason.startswith("combined: predicted final val_accuracy=0.72")
+    assert rule.decide(2, {ACC: 0.72, "sb_score": 0.0}, peers[:4]) is None  # fewer than min_finished: fallback none
+    # The median fallback before the fit: 0.3 is below the median accuracy of the completed trials.
+    median_fallback = CombinedRule(ACC, "maximize", warmup_epochs=2)
+    reason = median_fallback.decide(2, {ACC: 0.3, "sb_score": 0.0}, peers[:4])
+    assert reason is not None and reason.startswith("median:")
+    assert rule.decide(1, {ACC: 0.0, "sb_score": 0.0}, peers) is None  # warm-up
+
+
+def test_make_rule_passes_the_options_each_rule_takes() -> None:
+    rule = make_rule("wasserstein", ACC, "maximize", 1, quantile=0.25, score_direction="high_is_good", alpha=0.1)
+    assert isinstance(rule, WassersteinRule) and rule.quantile == 0.25 and rule.alpha == 0.1
+    assert isinstance(make_rule("hyperband", ACC, "maximize", 1, epochs=27), HyperbandRule)
+    assert make_rule("none", ACC, "maximize", 1).decide(5, {ACC: 0.0}, [0.9] * 5) is None
+
+
+# --- real sweeps ---------------------------------------------------------------------------------
+
+
+def _pruned_everywhere(out: Path, raw: dict[str, object], trials: int, prefix: str) -> int:
+    """Records agree, and every pruned trial carries the rule's reason in Optuna, MLflow and trials.csv."""
+    check_records_agree(out, raw, trials)
+    spec = parse_spec(raw)
+    with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
+        rows = {int(r["number"]): r for r in csv.DictReader(handle)}
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = {int(r.data.tags["sbsearch.trial_number"]): r for r in
+            client.search_runs([client.get_experiment_by_name(spec.name).experiment_id]) if "sbsearch.trial_number" in r.data.tags}
+    study = optuna.load_study(study_name=spec.name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    for t in pruned:
+        reason = t.user_attrs["sbsearch.record"]["reason"]
+        assert reason.startswith(prefix), reason
+        assert rows[t.number]["state"] == "PRUNED" and rows[t.number]["reason"] == reason
+        assert runs[t.number].data.tags["sbsearch.state"] == "PRUNED"
+        assert runs[t.number].data.tags["sbsearch.reason"] == reason
+    return len(pruned)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner, options, prefix", [
+    # A fixed direction prunes as soon as 3 peers reached the epoch.
+    ("wasserstein", {"score_direction": "high_is_good"}, "wasserstein:"),
+    # The least-squares fit needs min_finished completed trials; the median rule stands in before.
+    ("combined", {"min_finished": 3}, ""),
+    ("hyperband", {}, "hyperband"),
+])
+def test_a_real_sweep_prunes_with_the_rules_reason(tmp_path: Path, pruner: str, options: dict[str, object],
+                                                   prefix: str) -> None:
+    raw = tiny_spec_dict(search__trials=8, train__epochs=3, search__pruner=pruner, search__warmup_epochs=1,
+                         search__prune_quantile=0.75, train__replicas=2, data__val_fraction=0.5,
+                         **{f"search__{k}": v for k, v in options.items()})
+    run_sweep(parse_spec(raw), tmp_path / "out", console=Console(file=open("/dev/null", "w")))
+    assert _pruned_everywhere(tmp_path / "out", raw, 8, prefix) >= 1
+
+
+def test_optuna_peers_show_running_trials_epochs_and_completed_finals(tmp_path: Path) -> None:
+    from sbsearch.backends.optuna import _HISTORY, _peers, open_study
+
+    study = open_study(parse_spec(tiny_spec_dict()), tmp_path, "maximize")
+    finished = study.ask()
+    finished.report(0.5, 1)
+    finished.set_user_attr("sbsearch.record", {"history": [{ACC: 0.5, "sb_score": 0.2}]})
+    study.tell(finished, 0.9)
+    running_trial = study.ask()
+    running_trial.set_user_attr(_HISTORY, [{ACC: 0.4, "sb_score": 0.1}, {ACC: 0.6, "sb_score": 0.3}])
+    me = study.ask()
+    peers = {p.number: p for p in _peers(study, me.number, ACC)}
+    assert set(peers) == {finished.number, running_trial.number}
+    assert peers[finished.number].state == "COMPLETE" and peers[finished.number].final == 0.9
+    assert peers[finished.number].at(1, "sb_score") == 0.2
+    assert peers[running_trial.number].state == "RUNNING" and peers[running_trial.number].final is None
+    assert peers[running_trial.number].at(2, ACC) == 0.6 and peers[running_trial.number].at(3, ACC) is None

@@ -1,0 +1,237 @@
+"""The Ray Tune backend end to end: real Ray (a local one, and a three-node cluster on this machine),
+real MLflow (SQLite), the real journal study, and `sbsearch run` as users start it, in a subprocess.
+
+Each test keeps token authentication on with a token of its own (``RAY_AUTH_MODE=token``), and stops
+only the Ray processes it started: the local Ray ends with its driver, the cluster with
+``Cluster.shutdown()`` in a helper process the test owns.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+# Trials of a few seconds: long enough to interrupt one, short enough for CI on two cores.
+_SPEC = {
+    "name": "ray-tiny",
+    "seed": 0,
+    "data": {"dataset": "digits", "batch_size": 32},
+    "model": {"name": "small_cnn", "width": 8, "depth": 1},
+    "train": {"epochs": 2, "lr": 0.01},
+    "space": {"expansion": {"factor": [1, 2]}, "norm": {"kind": ["none", "batch"]}},
+    "search": {"backend": "ray", "sampler": "random", "trials": 4, "parallel": 2, "pruner": "median",
+               "warmup_epochs": 0},
+    "ray": {"max_failures": 3},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN, PYTHONUNBUFFERED="1")
+    return env
+
+
+_TOKEN = secrets.token_hex(16)
+
+
+def _write_spec(tmp_path: Path, **changes: Any) -> Path:
+    spec = json.loads(json.dumps(_SPEC))
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        spec[section][key] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+def _sbsearch(spec: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "sbsearch.cli", "run", str(spec), "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            cwd=out.parent, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 240) -> tuple[int, str]:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"sbsearch did not finish in {timeout} s:\n{output[-3000:]}")
+    return proc.returncode, output
+
+
+def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float = 180) -> str:
+    """Read the sweep's output until a line holds ``needle``; returns what was read."""
+    seen = []
+    deadline = time.time() + timeout
+    assert proc.stdout is not None
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no line with {needle!r}:\n{''.join(seen)[-3000:]}")
+
+
+def _records(out: Path) -> dict[str, Any]:
+    """Every record of the sweep in ``out``: MLflow runs, the Optuna study, trials.csv and Ray's state."""
+    from mlflow.tracking import MlflowClient
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(str(_SPEC["name"]))
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    study_id = storage.get_study_id_from_name(str(_SPEC["name"]))
+    optuna_trials = [t for t in storage.get_all_trials(study_id) if not t.user_attrs.get("sbsearch.interrupted")]
+    with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    state_file = max(glob.glob(str(out / "ray" / "experiment" / "experiment_state-*.json")))
+    ray_trials = [(json.loads(t[0]), json.loads(t[1])) for t in json.loads(Path(state_file).read_text())["trial_data"]]
+    return {"client": client, "runs": runs, "optuna": optuna_trials, "csv": rows, "ray": ray_trials}
+
+
+def _check_agreement(out: Path, trials: int) -> dict[str, Any]:
+    """One parent run, one child run per trial with params, per-epoch metrics and a state tag that
+    agrees with the Optuna record, trials.csv and the trial's last Ray result."""
+    r = _records(out)
+    parents = [run for run in r["runs"] if run.data.tags.get("sbsearch.role") == "sweep"]
+    children = [run for run in r["runs"] if run.data.tags.get("sbsearch.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    numbers = collections.Counter(run.data.tags["sbsearch.trial_number"] for run in children)
+    assert len(children) == trials and set(numbers.values()) == {1}, numbers
+    mlflow_state = {int(run.data.tags["sbsearch.trial_number"]): run.data.tags["sbsearch.state"] for run in children}
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {"expansion.factor", "norm.kind"} <= set(run.data.params)
+        history = r["client"].get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == list(range(1, len(history) + 1)), "an epoch was logged twice"
+        assert len(history) >= 1
+    optuna_state = {t.number: t.state.name for t in r["optuna"]}
+    csv_state = {int(row["number"]): row["state"] for row in r["csv"]}
+    ray_state = {cfg["config"]["sbsearch.number"]: meta["last_result"].get("sbsearch_state") for cfg, meta in r["ray"]}
+    assert mlflow_state == optuna_state == csv_state, (mlflow_state, optuna_state, csv_state)
+    assert {n: s for n, s in ray_state.items() if s is not None} == {n: mlflow_state[n] for n in ray_state if ray_state[n]}
+    assert len(mlflow_state) == trials and set(mlflow_state.values()) <= {"COMPLETE", "PRUNED"}
+    return r
+
+
+def test_tiny_sweep_gives_one_parent_and_one_child_per_trial(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    # Ray's ASHA scheduler stops trials from outside them: the driver records those PRUNED.
+    spec = _write_spec(tmp_path, train__epochs=3, search__pruner="asha", search__warmup_epochs=1)
+    code, output = _finish(_sbsearch(spec, out))
+    assert code == 0, output[-3000:]
+    assert "4 trials in" in output
+    _check_agreement(out, trials=4)
+
+
+@pytest.mark.timeout(600)  # two sweeps, or a three-node cluster, on two cores
+def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = _write_spec(tmp_path, train__epochs=6, search__trials=6, search__pruner="none")
+    first = _sbsearch(spec, out)
+    _wait_for_line(first, " COMPLETE ")  # one trial done, others running
+    os.kill(first.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and the CLI exits 130
+    code, output = _finish(first)
+    assert code == 130, output[-3000:]
+    assert "run the same command to resume" in output
+    done_before = {row["number"] for row in _records(out)["csv"]}
+    assert 1 <= len(done_before) < 6
+
+    code, output = _finish(_sbsearch(spec, out))
+    assert code == 0, output[-3000:]
+    r = _check_agreement(out, trials=6)
+    assert done_before <= {row["number"] for row in r["csv"]}, "a finished trial was lost"
+    assert all(meta["last_result"].get("sbsearch_state") == "COMPLETE" for _, meta in r["ray"])
+
+
+_CLUSTER = """
+import sys
+from ray.cluster_utils import Cluster
+# The head takes no trials (the driver and the sweep's board live there); each worker takes one.
+cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+    "num_cpus": 0, "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+for line in sys.stdin:
+    if line.strip() == "kill":
+        cluster.remove_node(workers[1], allow_graceful=False)
+        print("killed", flush=True)
+    else:
+        break
+cluster.shutdown()
+print("down", flush=True)
+"""
+
+
+@pytest.fixture
+def cluster() -> Any:
+    """A head and two one-CPU workers, with token authentication, in a process this test owns."""
+    proc = subprocess.Popen([sys.executable, "-c", _CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=_env())
+    assert proc.stdout is not None and proc.stdin is not None
+    address = proc.stdout.readline().strip()
+    assert address, "the cluster did not start"
+    try:
+        yield address, proc
+    finally:
+        if proc.poll() is None:
+            with __import__("contextlib").suppress(BrokenPipeError):
+                proc.stdin.write("quit\n")
+                proc.stdin.flush()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.timeout(600)  # two sweeps, or a three-node cluster, on two cores
+def test_sweep_survives_losing_a_worker_node(tmp_path: Path, cluster: Any) -> None:
+    address, helper = cluster
+    out = tmp_path / "out"
+    out.mkdir()
+    # The median rule decides inside the trials, from their peers' curves on the driver's node.
+    spec = _write_spec(tmp_path, train__epochs=6, search__trials=6, search__warmup_epochs=2)
+    sweep = _sbsearch(spec, out, "--address", address)
+    _wait_for_line(sweep, " COMPLETE ")
+    time.sleep(1.0)  # both workers are busy again
+    helper.stdin.write("kill\n")
+    helper.stdin.flush()
+    assert helper.stdout.readline().strip() == "killed"
+    code, output = _finish(sweep)
+    assert code == 0, output[-3000:]
+    r = _check_agreement(out, trials=6)
+    # The trial on the lost node failed there and was run again on the other worker.
+    assert sum(meta["num_failures"] for _, meta in r["ray"]) >= 1
+
+
+def test_bad_address_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    code, output = _finish(_sbsearch(_write_spec(tmp_path), out, "--address", "127.0.0.1:1"), timeout=120)
+    assert code == 1, output[-3000:]
+    assert "error: ray.address: a Ray head must listen at 127.0.0.1:1" in output

@@ -1,0 +1,139 @@
+"""Spec validation: every kind of mistake is one line naming the key, the rule and the value."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sbsearch.errors import SpecError
+from sbsearch.spec import load_spec, parse_spec, spec_reference, spec_to_dict, with_overrides
+from tests.conftest import ROOT, tiny_spec_dict
+
+
+def problems(raw: Any) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    return [str(p) for p in info.value.problems]
+
+
+def test_defaults_fill_every_key() -> None:
+    spec = parse_spec({})
+    resolved = spec_to_dict(spec)
+    assert resolved["data"]["dataset"] == "digits"
+    assert resolved["space"]["expansion"]["factor"] == 1
+    assert parse_spec(resolved) == spec  # the resolved spec parses back to the same spec
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"nmae": "x"}, "nmae: is not a known section, but got 'x' (did you mean 'name'?)"),
+        ({"data": {"datset": "digits"}}, "data.datset: is not a known key, but got 'digits' (did you mean 'dataset'?)"),
+        ({"data": {"dataset": "digit"}}, "data.dataset: must be a registered name, but got 'digit' (did you mean 'digits'?)"),
+        ({"model": {"name": "resnet"}}, "model.name: must be a registered name, but got 'resnet'"),
+        ({"train": {"epochs": "ten"}}, "train.epochs: must be an integer, but got 'ten'"),
+        ({"train": {"epochs": 0}}, "train.epochs: must be >= 1, but got 0"),
+        ({"train": {"lr": -1}}, "train.lr: must be > 0, but got -1.0"),
+        ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number, but got nan"),
+        ({"search": {"sampler": "tpee"}}, "search.sampler: must be a registered name, but got 'tpee' (did you mean 'tpe'?)"),
+        ({"search": {"trials": True}}, "search.trials: must be an integer, but got True"),
+        ({"space": {"expansoin": {}}}, "space.expansoin: is not a registered strategy, but got {} (did you mean 'expansion'?)"),
+        ({"space": {"expansion": {"factr": 2}}}, "space.expansion.factr: is not a knob of this strategy, but got 2 (did you mean 'factor'?)"),
+        ({"space": {"expansion": {"factor": 0}}}, "space.expansion.factor: must be an integer in [1, 8], but got 0"),
+        ({"space": {"expansion": {"factor": [1, 0]}}}, "space.expansion.factor[1]: must be an integer in [1, 8], but got 0"),
+        ({"space": {"expansion": {"fill": float("inf")}}}, "space.expansion.fill: must be a finite number, but got inf"),
+        ({"space": {"expansion": {"fill": []}}}, "space.expansion.fill: must list at least one value, but got []"),
+        ({"space": {"expansion": {"fill": [0.5, 0.5]}}}, "space.expansion.fill: must not repeat a value, but got [0.5, 0.5]"),
+        ({"space": {"dropout": {"rate": 1.0}}}, "space.dropout.rate: must be a finite number in [0, 1), but got 1.0"),
+        ({"space": {"dropout": {"rate": {"low": 0.3, "high": 0.1}}}}, "space.dropout.rate.high: must be greater than low=0.3, but got 0.1"),
+        ({"space": {"dropout": {"rate": {"low": 0.0, "hi": 0.1}}}}, "space.dropout.rate.hi: is not a known key, but got 0.1 (did you mean 'high'?)"),
+        ({"space": {"norm": {"kind": ["batch", "btch"]}}}, "space.norm.kind[1]: must be one of 'none', 'batch', 'group', 'layer', but got 'btch' (did you mean 'batch'?)"),
+        ({"space": {"norm": {"kind": {"low": 0, "high": 1}}}}, "space.norm.kind: a range {low, high} needs a numeric knob; give a list of choices"),
+        ({"space": "expansion"}, "space: must be a mapping of strategy names to knobs, but got 'expansion'"),
+        ({"data": ["digits"]}, "data: must be a mapping of keys to values, but got ['digits']"),
+        ({"name": "my sweep/1"}, "name: must be 1-100 letters, digits"),
+        (["name"], "<spec>: a spec must be a mapping"),
+    ],
+)
+def test_each_mistake_is_one_clear_line(raw: Any, expected: str) -> None:
+    found = problems(raw)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected), found[0]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    found = problems({"data": {"batch_size": 0}, "train": {"epochs": -1}, "space": {"expansion": {"factor": 9}}})
+    assert [p.split(":")[0] for p in found] == ["data.batch_size", "train.epochs", "space.expansion.factor"]
+
+
+def test_incompatible_combinations_are_caught_before_running() -> None:
+    found = problems({"model": {"name": "mlp"}, "space": {"dropout": {"kind": "channel", "rate": 0.1}}})
+    assert found == ["space.dropout.kind: channel dropout needs feature maps; the mlp has none (use kind: element), but got 'channel'"]
+    found = problems({"space": {"expansion": {"layout": "before"}}})
+    assert found[0].startswith("space.expansion.layout: layout 'before' is for vector inputs")
+    found = problems({"search": {"sampler": "grid"}, "space": {"dropout": {"rate": {"low": 0.0, "high": 0.2}}}})
+    assert found[0].startswith("space.dropout.rate: the grid sampler needs a list of values or a range with a step")
+
+
+def test_space_size_and_kinds() -> None:
+    spec = parse_spec(tiny_spec_dict())
+    assert spec.space_size() == 8
+    assert [p.name for p in spec.searched] == ["expansion.factor", "expansion.fill", "norm.kind"]
+    spec = parse_spec({"space": {"dropout": {"rate": {"low": 0.0, "high": 0.5, "step": 0.1}}, "expansion": {"factor": {"low": 1, "high": 3}}}})
+    assert spec.param("dropout.rate").size() == 6
+    assert spec.param("expansion.factor").size() == 3
+    assert math.isinf(parse_spec({"space": {"dropout": {"rate": {"low": 0.0, "high": 0.5}}}}).space_size())
+
+
+def test_integers_are_accepted_for_float_knobs() -> None:
+    spec = parse_spec({"space": {"expansion": {"fill": [0, 1]}}})
+    assert spec.param("expansion.fill").values == (0.0, 1.0)
+
+
+def test_overrides_are_validated() -> None:
+    spec = parse_spec(tiny_spec_dict())
+    assert with_overrides(spec, {"search.trials": 7, "seed": 3}).search.trials == 7
+    with pytest.raises(SpecError, match="search.trials: must be >= 1, but got 0"):
+        with_overrides(spec, {"search.trials": 0})
+
+
+def test_yaml_errors_name_the_file_and_place(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nspace: [unclosed\n", encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    assert str(info.value).startswith("spec: must be valid YAML (")
+    with pytest.raises(SpecError, match="spec: must be an existing file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_yaml_tags_that_would_run_code_are_refused(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n", encoding="utf-8")
+    with pytest.raises(SpecError, match="must be valid YAML"):
+        load_spec(evil)
+
+
+def test_shipped_specs_are_valid() -> None:
+    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
+        try:
+            load_spec(path)
+        except SpecError as exc:  # a spec for data that is not on this machine may only lack the data
+            assert all(p.path == "data.root" for p in exc.problems), f"{path.name}: {exc}"
+
+
+def test_reference_covers_every_key_and_readme_lists_it() -> None:
+    keys = [row[0] for row in spec_reference()]
+    assert "data.dataset" in keys and "space.expansion.factor" in keys and "search.trials" in keys
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [k for k in keys if f"`{k}`" not in readme]
+    assert not missing, f"README's spec reference lacks {missing}; regenerate it with `python -m sbsearch.docs`"
+
+
+def test_resolved_spec_round_trips_through_yaml() -> None:
+    spec = parse_spec(tiny_spec_dict())
+    assert parse_spec(yaml.safe_load(yaml.safe_dump(spec_to_dict(spec)))) == spec
