@@ -362,6 +362,8 @@ Validation accuracy in %. `grid`: original pixels every K-th position, the fill 
 units, then normalised). Stem: `none` = the network unchanged, `stride` = first conv strided by K, `kernel` =
 first kernel 2K+1. Controls: `upsample` repeats each pixel K x K times (same input size, no constant);
 `width-matched` keeps the 8x8 input and widens the first layer to the expanded model's parameter count.
+With `stride`, the 3x3 first conv strided by K sees one original pixel and its constant neighbours for every
+K >= 2, so K = 2 and K = 3 give the same network on the same numbers, and the same results.
 {same_note}
 {markdown_table(digits_rows, "val acc %", "vs K=1 (points)")}
 

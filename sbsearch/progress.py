@@ -91,7 +91,8 @@ def _best(views: Sequence[TrialView], direction: str) -> TrialView | None:
     done = [v for v in views if v.state == "COMPLETE" and v.value is not None]
     if not done:
         return None
-    return max(done, key=lambda v: v.value if direction == "maximize" else -v.value)  # type: ignore[operator]
+    sign = 1.0 if direction == "maximize" else -1.0
+    return max(done, key=lambda v: sign * (v.value or 0.0))
 
 
 def top_table(rows: Sequence[dict[str, Any]], metric: str, columns: Sequence[str], limit: int = 5) -> Table:

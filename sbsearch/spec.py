@@ -35,7 +35,7 @@ def _f(default: Any, doc: str, rule: tuple[str, Rule] | None = None, choices: Ca
 
 
 def _positive(x: Any) -> bool:
-    return x > 0
+    return bool(x > 0)
 
 
 def _is_regex(x: Any) -> bool:

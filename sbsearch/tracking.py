@@ -117,14 +117,14 @@ class Tracker:
         if found:
             run_id = found[0].info.run_id
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
-            return run_id
+            return str(run_id)
         tags = {"sbsearch.sweep_key": sweep_key, "sbsearch.role": "sweep"}
         run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=f"sweep {name}", tags=tags))
         run_id = run.info.run_id
         self._log(run_id, params=_flatten(spec, skip=("space",)))
         if spec_yaml:
             _retry(lambda: self.client.log_text(run_id, spec_yaml, "spec.yaml"))
-        return run_id
+        return str(run_id)
 
     def end_sweep(self, run_id: str, summary: Mapping[str, float], tags: Mapping[str, str], status: str = "FINISHED") -> None:
         self._log(run_id, metrics=summary, tags=tags)
@@ -158,14 +158,14 @@ class Tracker:
         if found:
             run_id = found[0].info.run_id
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
-            return run_id
+            return str(run_id)
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         tags = {MLFLOW_PARENT_RUN_ID: parent_id, "sbsearch.trial_number": str(number), "sbsearch.role": "trial",
                 "sbsearch.state": "RUNNING"}
         run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags))
         self._log(run.info.run_id, params={**{k: _param(v) for k, v in params.items()}, "trial.number": str(number)})
-        return run.info.run_id
+        return str(run.info.run_id)
 
     def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         self._log(run_id, metrics=metrics, step=step)

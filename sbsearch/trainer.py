@@ -80,7 +80,8 @@ class _Single:
         self.model = model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).unsqueeze(0)  # (1, B, out)
+        out: torch.Tensor = self.model(x)
+        return out.unsqueeze(0)  # (1, B, out)
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
@@ -177,7 +178,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
                 idx = perm[i : i + plan.batch_size]
                 loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, desc, augment)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 _restore_frozen(frozen)
                 loss_sum += loss.detach() * idx.shape[0]
@@ -230,9 +231,10 @@ def _frozen_entries(params: list[torch.Tensor], models: list[nn.Module]) -> list
     """(parameter, mask, value) for every weight with frozen entries (``strategies.asymmetry``)."""
     entries: list[tuple[torch.Tensor, ...]] = []
     stacked = len(models) > 1 and len(params) == len(list(models[0].parameters()))
+    buffer_names = {name for name, _ in models[0].named_buffers()}
     for name, replica, p in _named(params, models[0]):
         owners = models if stacked else [models[replica]]
-        if name + FROZEN_MASK not in dict(owners[0].named_buffers()):
+        if name + FROZEN_MASK not in buffer_names:
             continue
         masks = [m.get_buffer(name + FROZEN_MASK) for m in owners]
         values = [m.get_buffer(name + FROZEN_VALUE) for m in owners]
@@ -324,7 +326,7 @@ def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer
             for i in range(0, n, LBFGS_CHUNK):
                 xb, yb = x[i : i + LBFGS_CHUNK], y[i : i + LBFGS_CHUNK]
                 loss = task_loss(model(xb).unsqueeze(0), yb, task) * (xb.shape[0] / n)  # (1, B, out) -> mean
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             if weight_decay > 0:
                 l2 = 0.5 * weight_decay * sum(p.pow(2).sum() for p in model.parameters())

@@ -24,8 +24,6 @@ from typing import Any
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
-
 # Trials of a few seconds: long enough to interrupt one, short enough for CI on two cores.
 _SPEC = {
     "name": "ray-tiny",
@@ -136,6 +134,7 @@ def _check_agreement(out: Path, trials: int) -> dict[str, Any]:
     return r
 
 
+@pytest.mark.slow
 def test_tiny_sweep_gives_one_parent_and_one_child_per_trial(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -147,6 +146,7 @@ def test_tiny_sweep_gives_one_parent_and_one_child_per_trial(tmp_path: Path) -> 
     _check_agreement(out, trials=4)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # two sweeps, or a three-node cluster, on two cores
 def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -209,6 +209,7 @@ def cluster() -> Any:
                 proc.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # two sweeps, or a three-node cluster, on two cores
 def test_sweep_survives_losing_a_worker_node(tmp_path: Path, cluster: Any) -> None:
     address, helper = cluster
@@ -229,9 +230,60 @@ def test_sweep_survives_losing_a_worker_node(tmp_path: Path, cluster: Any) -> No
     assert sum(meta["num_failures"] for _, meta in r["ray"]) >= 1
 
 
+@pytest.mark.slow
 def test_bad_address_is_one_line(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     code, output = _finish(_sbsearch(_write_spec(tmp_path), out, "--address", "127.0.0.1:1"), timeout=120)
     assert code == 1, output[-3000:]
     assert "error: ray.address: a Ray head must listen at 127.0.0.1:1" in output
+
+
+# --- fast checks of the pieces, without starting Ray ----------------------------------------------------
+
+
+def test_board_gives_rules_every_other_trial_and_forgets_a_lost_attempt() -> None:
+    from sbsearch.backends.ray import _Board
+    from sbsearch.pruning import PeerTrial
+
+    board = _Board([PeerTrial(0, "COMPLETE", {1: {"val_accuracy": 0.9}}, 0.9)])
+    board.report(1, 1, {"val_accuracy": 0.5})
+    board.report(1, 2, {"val_accuracy": 0.6})
+    peers = board.report(2, 1, {"val_accuracy": 0.7})
+    assert {p.number: p.state for p in peers} == {0: "COMPLETE", 1: "RUNNING"}
+    board.report(1, 1, {"val_accuracy": 0.4})  # trial 1 runs again after its node was lost
+    assert dict(board.trials[1].history) == {1: {"val_accuracy": 0.4}}
+    board.finish({"number": 1, "state": "PRUNED", "history": [{"val_accuracy": 0.4, "sb_score.conv1": 0.1}]}, 0.4)
+    assert board.trials[1].state == "PRUNED" and board.trials[1].final is None
+    assert dict(board.trials[1].history) == {1: {"val_accuracy": 0.4}}, "per-layer scores stay out"
+    assert board.record(1) is not None and board.record(2) is None
+
+
+def test_a_trial_ray_stopped_is_pruned_unless_it_ran_every_epoch(tmp_path: Path) -> None:
+    from sbsearch.backends.ray import _record_of_stopped_trial
+    from sbsearch.spec import parse_spec
+    from sbsearch.trial import SweepContext
+
+    spec = parse_spec({**_SPEC, "train": {"epochs": 3}, "search": {**_SPEC["search"], "pruner": "asha"}})
+    ctx = SweepContext(spec, tmp_path, None, None)
+    result = {"epoch": 1, "val_accuracy": 0.5, "training_iteration": 1, "time_total_s": 2.0, "config/x": 1}
+    pruned = _record_of_stopped_trial(ctx, 4, {"norm.kind": "none"}, result, error=False)
+    assert (pruned.state, pruned.epochs_run, pruned.final) == ("PRUNED", 1, {"val_accuracy": 0.5})
+    assert pruned.reason.startswith("asha:")
+    done = _record_of_stopped_trial(ctx, 4, {}, {**result, "epoch": 3}, error=False)
+    assert done.state == "COMPLETE"
+    failed = _record_of_stopped_trial(ctx, 4, {}, result, error=True)
+    assert failed.state == "FAIL" and "4 time(s)" in failed.reason  # ray.max_failures: 3, plus the first try
+
+
+def test_ray_schedulers_need_the_ray_backend() -> None:
+    from sbsearch.errors import SpecError
+    from sbsearch.spec import parse_spec
+
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**_SPEC, "search": {**_SPEC["search"], "backend": "optuna", "pruner": "ray_hyperband"}})
+    assert "search.pruner: is a Ray Tune scheduler and needs search.backend: ray" in str(caught.value)
+    spec = parse_spec({**_SPEC, "ray": {"gpus_per_trial": 0.25, "cpus_per_trial": 2}})
+    assert (spec.ray.gpus_per_trial, spec.ray.cpus_per_trial) == (0.25, 2.0)
+    with pytest.raises(SpecError, match="ray.gpus_per_trial"):
+        parse_spec({**_SPEC, "ray": {"gpus_per_trial": 1.5}})

@@ -72,7 +72,7 @@ def experiment_path(out_dir: Path) -> Path:
     return out_dir / "ray" / "experiment"
 
 
-# --- the board: finished trials' curves and records, shared by the trials and the driver --------------------
+# --- the board: what the trials know of each other, shared by the trials and the driver -------------------
 
 
 class _Board:
@@ -134,10 +134,11 @@ def _delete_runs_of(ctx: SweepContext, number: int) -> None:
     the attempt starting now is the trial's record, so it starts from a clean run."""
     if ctx.tracking is None or ctx.parent_run_id is None:
         return
-    tracker = Tracker(ctx.tracking)
-    for run in tracker.trial_runs(ctx.parent_run_id):
-        if run.data.tags.get("sbsearch.trial_number") == str(number):
-            tracker.client.delete_run(run.info.run_id)
+    with contextlib.suppress(Exception):  # a store that is down: run_trial records that, and relog catches up
+        tracker = Tracker(ctx.tracking)
+        for run in tracker.trial_runs(ctx.parent_run_id):
+            if run.data.tags.get("sbsearch.trial_number") == str(number):
+                tracker.client.delete_run(run.info.run_id)
 
 
 def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: PruningRule | None) -> None:
@@ -248,7 +249,10 @@ class _SweepSearch(OptunaSearch):
             return
         else:
             record = _record_of_stopped_trial(session.ctx, number, params, result, error)
-            record.run_id = _close_run(session.ctx, record, params)
+            try:
+                record.run_id = _close_run(session.ctx, record, params)
+            except Exception as exc:  # noqa: BLE001 - the store is down: the study keeps the record for relog
+                record.logged, record.tracking_error = False, f"{type(exc).__name__}: {str(exc).strip()[:200]}"
             with contextlib.suppress(Exception):
                 ray.get(_board(session.board).finish.remote(asdict(record), record.final.get(self.metric)))
             if result is not None:  # Ray does not pass the result that made it stop to on_trial_result
@@ -288,15 +292,19 @@ def _record_of_stopped_trial(ctx: SweepContext, number: int, params: dict[str, A
 
 
 def _scheduler(spec: Spec, metric: str, direction: str) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+    """Ray's scheduler for ``asha`` and ``ray_hyperband``; the others prune inside the trials.
 
-    epochs, grace = spec.train.epochs, max(1, spec.search.warmup_epochs)
-    if spec.search.pruner == "asha":
-        return ASHAScheduler(time_attr="epoch", metric=metric, mode=_MODES[direction], max_t=epochs,
-                             grace_period=min(grace, epochs), reduction_factor=3)
-    if spec.search.pruner == "ray_hyperband":
-        return HyperBandScheduler(time_attr="epoch", metric=metric, mode=_MODES[direction], max_t=epochs,
-                                  reduction_factor=3)
+    Both are Ray's asynchronous successive halving, which stops trials rather than pausing them (a
+    paused trial without checkpoints would start again from epoch 1); ``ray_hyperband`` spreads the
+    trials over three brackets of different grace periods, as Hyperband does.
+    """
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    if spec.search.pruner in RAY_SCHEDULERS:
+        epochs = spec.train.epochs
+        return AsyncHyperBandScheduler(time_attr="epoch", metric=metric, mode=_MODES[direction], max_t=epochs,
+                                       grace_period=min(max(1, spec.search.warmup_epochs), epochs),
+                                       reduction_factor=3, brackets=3 if spec.search.pruner == "ray_hyperband" else 1)
     return FIFOScheduler()  # type: ignore[no-untyped-call]
 
 
