@@ -151,7 +151,7 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.processes) as pool:
         results = pool.map(run_config, jobs, chunksize=1)
     rng = np.random.default_rng(0)
-    lines = [f"# Score validity: Spearman correlation with the final metric",
+    lines = ["# Score validity: Spearman correlation with the final metric",
              "",
              f"{args.configs} sampled configurations per space, 3 replicas each, trained to the end; "
              f"bootstrap 95% intervals ({args.bootstrap} resamples).",

@@ -238,7 +238,7 @@ class _KillsServerOnSecondTrial(nn.Module):
         super().__init__()
         self.net = models.MODELS["small_cnn"](desc)
         type(self).calls += 1
-        if type(self).calls == 2:  # trial 1 starts: the tracking server dies under the sweep
+        if type(self).calls == 2:  # trial 1 builds its (one) model: the tracking server dies under the sweep
             os.killpg(type(self).server_pid, signal.SIGKILL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -256,7 +256,7 @@ def test_a_store_that_goes_away_mid_sweep_loses_nothing_and_relog_catches_up(
     server = _start_mlflow(db, port, tmp_path / "artifacts")
     _KillsServerOnSecondTrial.server_pid = server.pid
     uri = f"http://127.0.0.1:{port}"
-    raw = tiny_spec_dict(model__name="server_killer", search__trials=3, train__epochs=1)
+    raw = tiny_spec_dict(model__name="server_killer", search__trials=3, train__epochs=1, train__replicas=1)
     try:
         result = run_sweep(parse_spec(raw), tmp_path / "out", tracking_uri=uri, console=QUIET)
     finally:

@@ -81,6 +81,8 @@ def test_parallel_sweep_with_pruning_records_agree(tmp_path: Path) -> None:
                          train__epochs=3, space__dropout__rate={"low": 0.0, "high": 0.5})
     result = run_sweep(parse_spec(raw), tmp_path / "out", console=Console(file=open("/dev/null", "w")))
     assert len(result.records) == 6
+    # Each worker process samples with its own seed: workers never propose in lockstep.
+    assert len({r.params["dropout.rate"] for r in result.records}) == 6
     check_records_agree(tmp_path / "out", raw, 6)
 
 

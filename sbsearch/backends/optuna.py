@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -63,11 +64,12 @@ def storage_path(out_dir: Path) -> Path:
     return out_dir / "optuna.journal"
 
 
-def _sampler(spec: Spec, worker: int) -> optuna.samplers.BaseSampler:
+def _sampler(spec: Spec, worker: int, existing: int = 0) -> optuna.samplers.BaseSampler:
     # Each worker process has its own sampler; the same seed in each would make them propose the
     # same configurations in lockstep, so the worker's index and the trials already in the study
     # (which differ on resume) are mixed into the seed.
-    seed = spec.seed * 7919 + worker * 104729
+    # (A sum such as worker + existing would let two workers collide on one seed.)
+    seed = int(np.random.SeedSequence([spec.seed, worker, existing]).generate_state(1)[0])
     if spec.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.search.sampler == "grid":
@@ -77,12 +79,12 @@ def _sampler(spec: Spec, worker: int) -> optuna.samplers.BaseSampler:
                                       warn_independent_sampling=False)
 
 
-def open_study(spec: Spec, out_dir: Path, direction: str, worker: int = 0) -> optuna.Study:
+def open_study(spec: Spec, out_dir: Path, direction: str, worker: int = 0, existing: int = 0) -> optuna.Study:
     """Create or load the sweep's study in the journal file under ``out_dir``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(storage_path(out_dir))))
-    study = optuna.create_study(storage=storage, sampler=_sampler(spec, worker), study_name=spec.name,
+    study = optuna.create_study(storage=storage, sampler=_sampler(spec, worker, existing), study_name=spec.name,
                                 direction=direction, load_if_exists=True)  # type: ignore[arg-type]
     if study.direction.name.lower() != direction:
         raise SbsearchError(f"--out: the study {spec.name!r} in {out_dir} must {direction} its metric, but it was "
@@ -169,7 +171,7 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
     """Ask for trials and run them until the budget, the deadline, a stop request or too many
     failures in a row end the sweep."""
     spec = ctx.spec
-    study = open_study(spec, ctx.out_dir, _direction(ctx), worker + len(study_trials(ctx)))
+    study = open_study(spec, ctx.out_dir, _direction(ctx), worker, len(study_trials(ctx)))
     rule = rule_for(spec, _metric_name(ctx), _direction(ctx))
     budget = trial_budget(spec)
     while True:
@@ -251,6 +253,27 @@ def study_trials(ctx: SweepContext) -> list[FrozenTrial]:
     except KeyError:
         return []
     return storage.get_all_trials(study_id, deepcopy=False)
+
+
+@contextlib.contextmanager
+def _first_ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
+    """Turn the first Ctrl-C into a stop request that the trial honours at its next epoch end, rather
+    than an exception thrown into whatever the main thread is doing; a second Ctrl-C raises as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the running trial's current epoch (Ctrl-C again to stop now)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _process_worker(ctx: SweepContext, deadline: float | None, worker: int, since: float) -> None:
@@ -347,16 +370,19 @@ class OptunaBackend(Backend):
 
         worker = threading.Thread(target=target, name="sbsearch-trials", daemon=True)
         worker.start()
-        try:
-            while worker.is_alive():
-                progress(_views(study, ctx.spec))
-                worker.join(self.poll_seconds)
-        except KeyboardInterrupt:
-            stop.set()
-            worker.join()
-            raise SweepInterrupted() from None
+        with _first_ctrl_c_sets(stop):
+            try:
+                while worker.is_alive():
+                    progress(_views(study, ctx.spec))
+                    worker.join(self.poll_seconds)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the epoch to end
+                stop.set()
+                worker.join(30)
+                raise SweepInterrupted() from None
         if errors:
             raise errors[0]
+        if stop.is_set():
+            raise SweepInterrupted()
 
     def _run_in_processes(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink,
                           since: float) -> None:
@@ -398,7 +424,8 @@ class OptunaBackend(Backend):
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("sbsearch.pid") == pid:
                 reason = f"worker process died (exit code {exitcode})"
-                record = TrialRecord(t.number, "FAIL", dict(t.params), reason=reason)
+                # The epochs it reported are in the study (and in its MLflow run); keep the count honest.
+                record = TrialRecord(t.number, "FAIL", dict(t.params), reason=reason, epochs_run=len(t.intermediate_values))
                 study._storage.set_trial_user_attr(t._trial_id, _RECORD, asdict(record))
                 _tell(study, t.number, state=TrialState.FAIL)
                 if ctx.tracking is not None and ctx.parent_run_id is not None:

@@ -422,7 +422,8 @@ def _on_this_node() -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # The board holds what finished trials left; on the driver's node it survives the loss of any worker.
-    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    # Not soft: a soft affinity lets Ray place it on any worker when the driver's node has no CPUs.
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _unfinished(study: optuna.Study, spec: Spec, deadline: float | None) -> bool:
