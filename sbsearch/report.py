@@ -28,6 +28,7 @@ from scipy import stats
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError, SpecError
 from sbsearch.spec import ParamSpec, Spec, parse_spec
+from sbsearch.sweep import sweep_key, tracking_info
 from sbsearch.tracking import Tracker, TrackingTarget
 
 __all__ = [
@@ -189,6 +190,8 @@ def _tracking_uri(spec: Spec, out_dir: Path, given: str | None) -> str | None:
     """Where the sweep logged: the given URI, the spec's, else an existing ``mlflow.db`` in the folder or here."""
     if given or spec.tracking.uri:
         return given or spec.tracking.uri
+    if tracking_info(out_dir).get("uri"):  # what the sweep itself used
+        return tracking_info(out_dir)["uri"]
     for base in (out_dir, Path.cwd()):
         if (base / "mlflow.db").exists():
             return f"sqlite:///{(base / 'mlflow.db').resolve()}"
@@ -231,7 +234,7 @@ def load_sweep(out_dir: Path, tracking_uri: str | None = None, parent_run_id: st
     else:
         try:
             tracker = Tracker(TrackingTarget(uri, spec.tracking.experiment or spec.name, (out_dir / "mlartifacts").as_uri()))
-            parent_run_id = parent_run_id or tracker.find_sweep(f"{spec.name}@{out_dir}")
+            parent_run_id = parent_run_id or tracker.find_sweep(sweep_key(spec, out_dir))
             if parent_run_id is None:
                 note = f"The sweep's parent run was not found in {uri}; the report is not logged to MLflow."
             else:

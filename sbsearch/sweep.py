@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from sbsearch.spec import Spec, spec_to_dict
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
 from sbsearch.trial import SweepContext, TrialRecord
 
-__all__ = ["SweepResult", "run_sweep", "relog_sweep", "default_out_dir", "write_trials_csv"]
+__all__ = ["SweepResult", "run_sweep", "relog_sweep", "sweep_key", "tracking_info", "default_out_dir", "write_trials_csv"]
 
 # Keys a resumed sweep may change without becoming a different sweep.
 _RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment",
@@ -154,13 +155,17 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
         target, parent = None, None
         uri = tracking_uri or spec.tracking.uri or default_tracking_uri(out if explicit_out else None)
         tracker: Tracker | None = None
-        (out / "tracking.json").write_text(json.dumps({"uri": uri, "experiment": spec.tracking.experiment or spec.name}),
-                                           encoding="utf-8")
+        saved = tracking_info(out)
+        # A new id each time a folder starts a sweep: a sweep begun again in a deleted and recreated
+        # folder gets a new MLflow parent run instead of reusing the old sweep's runs.
+        sweep_id = saved.get("sweep_id") if (out / "optuna.journal").exists() else None
+        info = {"uri": uri, "experiment": spec.tracking.experiment or spec.name, "sweep_id": sweep_id or uuid.uuid4().hex[:12]}
+        (out / "tracking.json").write_text(json.dumps(info), encoding="utf-8")
         if track:
             target = TrackingTarget(uri, spec.tracking.experiment or spec.name, (out / "mlartifacts").as_uri())
             tracker = Tracker(target)
             tracker.check_reachable()
-            parent = tracker.start_sweep(spec.name, resolved, sweep_key=f"{spec.name}@{out}", spec_yaml=spec_yaml)
+            parent = tracker.start_sweep(spec.name, resolved, sweep_key=sweep_key(spec, out), spec_yaml=spec_yaml)
         threads = spec.train.threads or max(1, (os.cpu_count() or 1) // spec.search.parallel)
         ctx = SweepContext(spec, out, target, parent, threads)
         budget = trial_budget(spec)
@@ -211,6 +216,25 @@ def _close_parent(tracker: Tracker | None, parent: str | None, result: SweepResu
     tracker.end_sweep(parent, summary, tags, status="FAILED" if result.stopped_because else "FINISHED")
 
 
+def tracking_info(out_dir: Path) -> dict[str, str]:
+    """What ``out_dir/tracking.json`` says of the sweep's MLflow store: uri, experiment, sweep_id."""
+    path = out_dir / "tracking.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def sweep_key(spec: Spec, out_dir: Path) -> str:
+    """The tag that finds a sweep's MLflow parent run: its name, its folder and the folder's sweep id."""
+    sweep_id = tracking_info(out_dir.resolve()).get("sweep_id")
+    base = f"{spec.name}@{out_dir.resolve()}"
+    return f"{base}#{sweep_id}" if sweep_id else base
+
+
 def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, int]:
     """Write to MLflow what a sweep's study holds and the store does not (after the store was down).
 
@@ -224,7 +248,7 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
     if not (out / "spec.yaml").exists():
         raise SbsearchError(f"OUT_DIR: must be a sweep's output folder (with spec.yaml), but got {str(out_dir)!r}")
     spec = load_spec(out / "spec.yaml")
-    saved = json.loads((out / "tracking.json").read_text(encoding="utf-8")) if (out / "tracking.json").exists() else {}
+    saved = tracking_info(out)
     uri = tracking_uri or saved.get("uri") or default_tracking_uri(out)
     study = load_study(spec, out)
     records = records_from_study(study) if study is not None else []
@@ -234,7 +258,7 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
         tracker = Tracker(target)
         tracker.check_reachable()
         resolved = spec_to_dict(spec)
-        parent = tracker.start_sweep(spec.name, resolved, sweep_key=f"{spec.name}@{out}",
+        parent = tracker.start_sweep(spec.name, resolved, sweep_key=sweep_key(spec, out),
                                      spec_yaml=yaml.safe_dump(resolved, sort_keys=False))
         done = {run.data.tags.get("sbsearch.trial_number"): run.data.tags.get("sbsearch.state")
                 for run in tracker.trial_runs(parent)}

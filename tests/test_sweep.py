@@ -112,3 +112,24 @@ def test_grid_sampler_covers_the_grid_once(tmp_path: Path) -> None:
     result = run_sweep(parse_spec(raw), tmp_path / "out", console=Console(file=open("/dev/null", "w")))
     combos = {tuple(sorted(r.params.items())) for r in result.records}
     assert len(result.records) == len(combos) == 8
+
+
+def test_a_sweep_begun_again_in_a_recreated_folder_gets_its_own_parent_run(tmp_path: Path) -> None:
+    import shutil
+
+    quiet = Console(file=open("/dev/null", "w"))
+    raw = tiny_spec_dict(search__trials=1, train__epochs=1)
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = run_sweep(parse_spec(raw), tmp_path / "out", tracking_uri=uri, console=quiet)
+    shutil.rmtree(tmp_path / "out")
+    second = run_sweep(parse_spec(raw), tmp_path / "out", tracking_uri=uri, console=quiet)
+    assert first.parent_run_id != second.parent_run_id
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("tiny")
+    for parent in (first.parent_run_id, second.parent_run_id):
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+        assert len(children) == 1
+    # Resuming in the same folder keeps the parent run.
+    third = run_sweep(parse_spec(tiny_spec_dict(search__trials=2, train__epochs=1)), tmp_path / "out",
+                      tracking_uri=uri, console=quiet)
+    assert third.parent_run_id == second.parent_run_id
