@@ -338,21 +338,13 @@ def _check_conv_arguments(in_channels: int, out_channels: int, kernel_size: int,
 # The layers
 
 
-class LiftingConv2d(_ChecksEquivariance, nn.Module):
-    """Lift an image to a group feature map: (B, C_in, H, W) -> (B, C_out, |G|, H', W').
+class _GroupConvBase(_ChecksEquivariance, nn.Module):
+    """What both convolutions share: arguments, the base filter and one bias per output channel.
 
-    Output slice ``h`` is the correlation with the base filter transformed by ``h``. Parameters: one
-    base filter (C_out, C_in, k, k) and, optionally, one bias per output channel shared over the group.
-
-    Example::
-
-        lift = LiftingConv2d(1, 8, 3, "c4", padding=1)
-        y = lift(torch.randn(2, 1, 9, 9))          # (2, 8, 4, 9, 9)
-        lift.check_equivariance(atol=1e-5)
+    The filter is (C_out, C_in, k, k) for a lifting layer and (C_out, C_in, |G|, k, k) for a group layer.
     """
 
-    input_kind: ClassVar[FeatureKind] = "image"
-    output_kind: ClassVar[FeatureKind] = "group"
+    has_group_axis: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -369,9 +361,28 @@ class LiftingConv2d(_ChecksEquivariance, nn.Module):
         self.group = get_group(group)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        group_axis = (self.group.order,) if self.has_group_axis else ()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *group_axis, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         _reset_like_conv(self.weight, self.bias)
+
+
+class LiftingConv2d(_GroupConvBase):
+    """Lift an image to a group feature map: (B, C_in, H, W) -> (B, C_out, |G|, H', W').
+
+    Output slice ``h`` is the correlation with the base filter transformed by ``h``. Parameters: one
+    base filter (C_out, C_in, k, k) and, optionally, one bias per output channel shared over the group.
+
+    Example::
+
+        lift = LiftingConv2d(1, 8, 3, "c4", padding=1)
+        y = lift(torch.randn(2, 1, 9, 9))          # (2, 8, 4, 9, 9)
+        lift.check_equivariance(atol=1e-5)
+    """
+
+    input_kind: ClassVar[FeatureKind] = "image"
+    output_kind: ClassVar[FeatureKind] = "group"
+
 
     def expanded_weight(self) -> Tensor:
         """The filter bank actually convolved: (C_out * |G|, C_in, k, k), output channel-major."""
@@ -391,7 +402,7 @@ class LiftingConv2d(_ChecksEquivariance, nn.Module):
         return _conv_repr(self)
 
 
-class GroupConv2d(_ChecksEquivariance, nn.Module):
+class GroupConv2d(_GroupConvBase):
     """Group convolution: (B, C_in, |G|, H, W) -> (B, C_out, |G|, H', W').
 
     The base filter (C_out, C_in, |G|, k, k) is transformed for each output element ``h`` by
@@ -408,26 +419,8 @@ class GroupConv2d(_ChecksEquivariance, nn.Module):
 
     input_kind: ClassVar[FeatureKind] = "group"
     output_kind: ClassVar[FeatureKind] = "group"
+    has_group_axis: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        group: Group | str,
-        stride: int = 1,
-        padding: int = 0,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        _check_conv_arguments(in_channels, out_channels, kernel_size, stride, padding)
-        self.group = get_group(group)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        order = self.group.order
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, order, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        _reset_like_conv(self.weight, self.bias)
 
     def expanded_weight(self) -> Tensor:
         """The filter bank actually convolved: (C_out * |G|, C_in * |G|, k, k), channel-major both ways."""
