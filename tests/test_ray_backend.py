@@ -287,3 +287,21 @@ def test_ray_schedulers_need_the_ray_backend() -> None:
     assert (spec.ray.gpus_per_trial, spec.ray.cpus_per_trial) == (0.25, 2.0)
     with pytest.raises(SpecError, match="ray.gpus_per_trial"):
         parse_spec({**_SPEC, "ray": {"gpus_per_trial": 1.5}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [0, 2])
+def test_diverging_ray_trials_fail_alone_and_too_many_in_a_row_stop_the_sweep(tmp_path: Path, limit: int) -> None:
+    spec = _write_spec(tmp_path, train__optimizer="sgd", train__lr=1e30, search__trials=4, search__parallel=1,
+                       search__max_consecutive_failures=limit, search__pruner="none")
+    code, output = _finish(_sbsearch(spec, tmp_path / "out"))
+    with open(tmp_path / "out" / "trials.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(r["state"] == "FAIL" and r["reason"].startswith("diverged") for r in rows), rows
+    if limit == 0:  # every trial fails on its own; the sweep goes on to its budget
+        assert code == 0, output[-3000:]
+        assert len(rows) == 4
+    else:
+        assert code == 1, output[-3000:]
+        assert "error: search.max_consecutive_failures: the sweep stopped after 2 failed trials in a row" in output
+        assert 2 <= len(rows) < 4

@@ -117,6 +117,8 @@ class _Session:
     ctx: SweepContext
     board: str
     deadline: float | None
+    since: float = 0.0  # when this run started: failures in a row count from here
+    stopped_because: str | None = None
 
 
 _SESSION: _Session | None = None
@@ -217,6 +219,16 @@ class _SweepSearch(OptunaSearch):
         session = _SESSION
         if session is not None and session.deadline is not None and time.time() > session.deadline:
             return Searcher.FINISHED  # type: ignore[return-value]  # Ray's "no more trials" marker
+        limit = session.ctx.spec.search.max_consecutive_failures if session is not None else 0
+        if session is not None and limit and self._ot_study is not None:
+            failed = optuna_backend.failures_in_a_row(self._ot_study, session.since)
+            if len(failed) >= limit:
+                last = failed[0]
+                reason = str(last.user_attrs.get(optuna_backend._RECORD, {}).get("reason", ""))[:200]
+                session.stopped_because = (
+                    f"search.max_consecutive_failures: the sweep stopped after {len(failed)} failed trials in a row "
+                    f"(last: trial {last.number}, {reason}); fix the cause and run the same command to go on")
+                return Searcher.FINISHED
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -358,13 +370,15 @@ class RayBackend(Backend):
                 name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(_finished_peers(study, metric))
             ray.get(board.record.remote(-1))  # placed and running before any trial asks
             deadline = time.time() + spec.search.timeout if spec.search.timeout else None
-            _SESSION = _Session(ctx, board_name, deadline)
+            _SESSION = _Session(ctx, board_name, deadline, since=time.time())
             rule = None if spec.search.pruner in RAY_SCHEDULERS else rule_for(spec, metric, direction)
             trainable = tune.with_resources(
                 tune.with_parameters(_trainable, ctx=ctx, board=board_name, rule=rule),
                 {"cpu": spec.ray.cpus_per_trial, "gpu": spec.ray.gpus_per_trial})
             tuner = self._tuner(ctx, study, trainable, metric, direction)
-            if self._fit(tuner, study, spec, progress) or _unfinished(study, spec, deadline):
+            interrupted = self._fit(tuner, study, spec, progress)
+            self.stopped_because = _SESSION.stopped_because
+            if interrupted or (self.stopped_because is None and _unfinished(study, spec, deadline)):
                 raise SweepInterrupted()
             _forget_orphans(ctx, study)
             progress(optuna_backend._views(study, spec))
@@ -400,6 +414,9 @@ class RayBackend(Backend):
         """Run Tune, showing progress from the journal; True when the user interrupted it twice."""
         stop = threading.Event()
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: sbsearch's display, not Tune's tables
+        # A failed trial's last result has no objective (it diverged or crashed); Tune's strict check
+        # would turn that into an error of the whole sweep instead of one FAIL record.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
         def show() -> None:
             while not stop.wait(self.poll_seconds):
