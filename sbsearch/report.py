@@ -190,8 +190,9 @@ def _tracking_uri(spec: Spec, out_dir: Path, given: str | None) -> str | None:
     """Where the sweep logged: the given URI, the spec's, else an existing ``mlflow.db`` in the folder or here."""
     if given or spec.tracking.uri:
         return given or spec.tracking.uri
-    if tracking_info(out_dir).get("uri"):  # what the sweep itself used
-        return tracking_info(out_dir)["uri"]
+    used = tracking_info(out_dir).get("uri")  # what the sweep itself used
+    if used:
+        return used
     for base in (out_dir, Path.cwd()):
         if (base / "mlflow.db").exists():
             return f"sqlite:///{(base / 'mlflow.db').resolve()}"

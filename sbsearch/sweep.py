@@ -174,16 +174,18 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
             backend = get_backend(spec.search.backend)
             with SweepDisplay(console, budget, metric, direction) as display:
                 records = backend.run(ctx, display)
-        except SweepInterrupted:
-            if tracker is not None and parent is not None:
+        except BaseException as exc:
+            if isinstance(exc, SweepInterrupted) and tracker is not None and parent is not None:
                 tracker.client.set_terminated(parent, status="KILLED")
-            raise
-        finally:
-            # Whatever happened, what finished is on disk in a form people can open.
+            # Whatever stopped the sweep, what finished is on disk in a form people can open
+            # (a sweep that ends normally writes trials.csv from its records below).
             with contextlib.suppress(Exception):
-                from sbsearch.backends.optuna import open_study, records_from_study
+                from sbsearch.backends.optuna import load_study, records_from_study
 
-                write_trials_csv(out / "trials.csv", records_from_study(open_study(spec, out, direction)), searched)
+                study = load_study(spec, out)
+                if study is not None:
+                    write_trials_csv(out / "trials.csv", records_from_study(study), searched)
+            raise
         result = SweepResult(spec, out, records, metric, direction, uri if track else None, parent,
                              time.perf_counter() - start)
         result.counts = {s: sum(r.state == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}

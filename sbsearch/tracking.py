@@ -113,11 +113,10 @@ class Tracker:
     # --- the sweep's parent run -------------------------------------------------------------------
     def start_sweep(self, name: str, spec: Mapping[str, Any], sweep_key: str, spec_yaml: str = "") -> str:
         """Create the sweep's parent run, or find it again when the sweep is resumed."""
-        found = self._find_runs(f"tags.`sbsearch.sweep_key` = '{_quote(sweep_key)}' and tags.`sbsearch.role` = 'sweep'")
-        if found:
-            run_id = found[0].info.run_id
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
-            return str(run_id)
+        found = self.find_sweep(sweep_key)
+        if found is not None:
+            _retry(lambda: self.client.update_run(found, status="RUNNING"))
+            return found
         tags = {"sbsearch.sweep_key": sweep_key, "sbsearch.role": "sweep"}
         run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=f"sweep {name}", tags=tags))
         run_id = run.info.run_id
@@ -144,7 +143,7 @@ class Tracker:
             return None
         self._experiment_id = exp.experiment_id
         found = self._find_runs(f"tags.`sbsearch.sweep_key` = '{_quote(sweep_key)}' and tags.`sbsearch.role` = 'sweep'")
-        return found[0].info.run_id if found else None
+        return str(found[0].info.run_id) if found else None
 
     def metric_history(self, run_id: str, key: str) -> dict[int, float]:
         """Every logged value of one metric by step (for per-epoch metrics, step = epoch)."""
@@ -154,7 +153,7 @@ class Tracker:
     def start_trial(self, parent_id: str, number: int, params: Mapping[str, Any], run_name: str) -> str:
         """Create the child run of trial ``number``; a run left over from an interrupted attempt of
         the same trial is reused, so a trial never has two runs."""
-        found = self._find_runs(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`sbsearch.trial_number` = '{number}'")
+        found = self.runs_of_trial(parent_id, number)
         if found:
             run_id = found[0].info.run_id
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
@@ -178,6 +177,15 @@ class Tracker:
     # --- reading back -----------------------------------------------------------------------------
     def trial_runs(self, parent_id: str) -> list[Any]:
         return self._find_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+    def runs_of_trial(self, parent_id: str, number: int) -> list[Any]:
+        """The (active) child runs of trial ``number``: one, or none; more only if an older version left them."""
+        return self._find_runs(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`sbsearch.trial_number` = '{number}'")
+
+    def delete_trial_runs(self, parent_id: str, number: int) -> None:
+        """Hide the runs of an attempt of trial ``number`` that will not be its record."""
+        for run in self.runs_of_trial(parent_id, number):
+            _retry(lambda: self.client.delete_run(run.info.run_id))
 
     def _find_runs(self, filter_string: str) -> list[Any]:
         runs: list[Any] = []

@@ -79,13 +79,15 @@ def _sampler(spec: Spec, worker: int, existing: int = 0) -> optuna.samplers.Base
                                       warn_independent_sampling=False)
 
 
-def open_study(spec: Spec, out_dir: Path, direction: str, worker: int = 0, existing: int = 0) -> optuna.Study:
-    """Create or load the sweep's study in the journal file under ``out_dir``."""
+def open_study(spec: Spec, out_dir: Path, direction: str, worker: int = 0) -> optuna.Study:
+    """Create or load the sweep's study in the journal file under ``out_dir``; its sampler is seeded
+    by the spec's seed, the worker's index and the number of trials the study already holds."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(storage_path(out_dir))))
-    study = optuna.create_study(storage=storage, sampler=_sampler(spec, worker, existing), study_name=spec.name,
-                                direction=direction, load_if_exists=True)  # type: ignore[arg-type]
+    study = optuna.create_study(storage=storage, study_name=spec.name, direction=direction,  # type: ignore[arg-type]
+                                load_if_exists=True)
+    study.sampler = _sampler(spec, worker, len(study.get_trials(deepcopy=False)))
     if study.direction.name.lower() != direction:
         raise SbsearchError(f"--out: the study {spec.name!r} in {out_dir} must {direction} its metric, but it was "
                             f"created to {study.direction.name.lower()}; use another --out or name")
@@ -171,7 +173,7 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
     """Ask for trials and run them until the budget, the deadline, a stop request or too many
     failures in a row end the sweep."""
     spec = ctx.spec
-    study = open_study(spec, ctx.out_dir, _direction(ctx), worker, len(study_trials(ctx)))
+    study = open_study(spec, ctx.out_dir, _direction(ctx), worker)
     rule = rule_for(spec, _metric_name(ctx), _direction(ctx))
     budget = trial_budget(spec)
     while True:
@@ -237,22 +239,7 @@ def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: 
     if frozen.params:
         study.enqueue_trial(dict(frozen.params), user_attrs={"sbsearch.requeued_from": number})
     if ctx.tracking is not None and ctx.parent_run_id is not None:
-        tracker = Tracker(ctx.tracking)
-        for run in tracker.trial_runs(ctx.parent_run_id):
-            if run.data.tags.get("sbsearch.trial_number") == str(number):
-                tracker.client.delete_run(run.info.run_id)
-
-
-def study_trials(ctx: SweepContext) -> list[FrozenTrial]:
-    path = storage_path(ctx.out_dir)
-    if not path.exists():
-        return []
-    storage = JournalStorage(JournalFileBackend(str(path)))
-    try:
-        study_id = storage.get_study_id_from_name(ctx.spec.name)
-    except KeyError:
-        return []
-    return storage.get_all_trials(study_id, deepcopy=False)
+        Tracker(ctx.tracking).delete_trial_runs(ctx.parent_run_id, number)
 
 
 @contextlib.contextmanager
@@ -430,6 +417,5 @@ class OptunaBackend(Backend):
                 _tell(study, t.number, state=TrialState.FAIL)
                 if ctx.tracking is not None and ctx.parent_run_id is not None:
                     tracker = Tracker(ctx.tracking)
-                    for run in tracker.trial_runs(ctx.parent_run_id):
-                        if run.data.tags.get("sbsearch.trial_number") == str(t.number):
-                            tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason})
+                    for run in tracker.runs_of_trial(ctx.parent_run_id, t.number):
+                        tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason})

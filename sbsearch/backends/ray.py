@@ -137,10 +137,7 @@ def _delete_runs_of(ctx: SweepContext, number: int) -> None:
     if ctx.tracking is None or ctx.parent_run_id is None:
         return
     with contextlib.suppress(Exception):  # a store that is down: run_trial records that, and relog catches up
-        tracker = Tracker(ctx.tracking)
-        for run in tracker.trial_runs(ctx.parent_run_id):
-            if run.data.tags.get("sbsearch.trial_number") == str(number):
-                tracker.client.delete_run(run.info.run_id)
+        Tracker(ctx.tracking).delete_trial_runs(ctx.parent_run_id, number)
 
 
 def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: PruningRule | None) -> None:
@@ -192,19 +189,12 @@ def _close_run(ctx: SweepContext, record: TrialRecord, params: Mapping[str, Any]
     if ctx.tracking is None or ctx.parent_run_id is None:
         return ""
     tracker = Tracker(ctx.tracking)
-    runs = [r for r in tracker.trial_runs(ctx.parent_run_id) if r.data.tags.get("sbsearch.trial_number") == str(record.number)]
-    if runs:
-        run_id = runs[0].info.run_id
-    else:
-        config = config_from_params(ctx.spec, params)
-        run_id = tracker.start_trial(ctx.parent_run_id, record.number, config.params, trial_run_name(record.number, config))
+    config = config_from_params(ctx.spec, params)
+    # start_trial reuses the run the trial left, or creates it when the trial never logged one.
+    run_id = tracker.start_trial(ctx.parent_run_id, record.number, config.params, trial_run_name(record.number, config))
     final = {**record.final, "duration_s": record.seconds, "epochs_run": float(record.epochs_run)}
     tracker.end_trial(run_id, record.state, final, {"sbsearch.reason": record.reason})
     return str(run_id)
-
-
-def _hide_run(ctx: SweepContext, number: int) -> None:
-    _delete_runs_of(ctx, number)
 
 
 class _SweepSearch(OptunaSearch):
@@ -257,7 +247,7 @@ class _SweepSearch(OptunaSearch):
             # Never started (the sweep ended first): not one of the sweep's trials.
             ot_trial.set_user_attr(optuna_backend._INTERRUPTED, "the sweep ended before this trial started")
             optuna_backend._tell(study, ot_trial, state=TrialState.FAIL)
-            _hide_run(session.ctx, number)
+            _delete_runs_of(session.ctx, number)
             return
         else:
             record = _record_of_stopped_trial(session.ctx, number, params, result, error)
@@ -464,5 +454,5 @@ def _forget_orphans(ctx: SweepContext, study: optuna.Study) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, optuna_backend._INTERRUPTED, "its Ray trial was lost with the driver")
         optuna_backend._tell(study, t.number, state=TrialState.FAIL)
-        _hide_run(ctx, t.number)
+        _delete_runs_of(ctx, t.number)
 
