@@ -169,7 +169,9 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path: Path) -> Non
 
 
 _CLUSTER = """
+import os
 import sys
+import time
 from ray.cluster_utils import Cluster
 # The head takes no trials (the driver and the sweep's board live there); each worker takes one.
 cluster = Cluster(initialize_head=True, connect=False, head_node_args={
@@ -177,10 +179,30 @@ cluster = Cluster(initialize_head=True, connect=False, head_node_args={
 workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
 print(cluster.address, flush=True)
+
+def running_actor(node):
+    # A trial runs in an actor process started by the node's raylet; Ray titles it ray::<class>.<method>.
+    raylet = node.all_processes["raylet"][0].process.pid
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            title = open(f"/proc/{pid}/cmdline").read().split("\\0")[0].strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == raylet and title.startswith("ray::") and title.split("::")[1].split(".")[0] not in (
+                "IDLE", "DashboardAgent", "RuntimeEnvAgent"):
+            return True
+    return False
+
 for line in sys.stdin:
     if line.strip() == "kill":
+        # Kill the node only while a trial runs on it, so that trial has to fail and run again.
+        deadline = time.time() + 120
+        while not running_actor(workers[1]) and time.time() < deadline:
+            time.sleep(0.05)
+        busy = running_actor(workers[1])
         cluster.remove_node(workers[1], allow_graceful=False)
-        print("killed", flush=True)
+        print("killed" if busy else "killed an idle node", flush=True)
     else:
         break
 cluster.shutdown()
@@ -219,8 +241,7 @@ def test_sweep_survives_losing_a_worker_node(tmp_path: Path, cluster: Any) -> No
     spec = _write_spec(tmp_path, train__epochs=6, search__trials=6, search__warmup_epochs=2)
     sweep = _sbsearch(spec, out, "--address", address)
     _wait_for_line(sweep, " COMPLETE ")
-    time.sleep(1.0)  # both workers are busy again
-    helper.stdin.write("kill\n")
+    helper.stdin.write("kill\n")  # once a trial runs on the second worker
     helper.stdin.flush()
     assert helper.stdout.readline().strip() == "killed"
     code, output = _finish(sweep)
