@@ -107,6 +107,15 @@ class DatasetInfo:
     doc: str = ""
     needs_root: bool = False
     missing: Availability | None = None
+    image_side: int | None = None  # the side of its square images when ``image_size`` is unset
+    channels: int = 3
+
+    def image_shape(self, options: DataOptions) -> tuple[int, int, int] | None:
+        """(channels, height, width) of one input image, known without loading (``None`` for vectors)."""
+        if self.input_kind != "image":
+            return None
+        side = options.image_size or self.image_side or DEFAULT_VARIABLE_IMAGE_SIZE
+        return (self.channels, side, side)
 
     @property
     def objective(self) -> tuple[str, Literal["maximize", "minimize"]]:
@@ -369,16 +378,17 @@ def _load_fakedata(val_fraction: float, seed: int, options: DataOptions = DataOp
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(_load_digits, "classification", "image", "scikit-learn 8x8 digits, 10 classes"),
+    "digits": DatasetInfo(_load_digits, "classification", "image", "scikit-learn 8x8 digits, 10 classes",
+                          image_side=8, channels=1),
     "iris": DatasetInfo(_tabular("iris"), "classification", "vector", "scikit-learn iris: 4 features, 3 classes"),
     "wine": DatasetInfo(_tabular("wine"), "classification", "vector", "scikit-learn wine: 13 features, 3 classes"),
     "breast_cancer": DatasetInfo(_tabular("breast_cancer"), "classification", "vector",
                                  "scikit-learn breast cancer: 30 features, 2 classes"),
     **{name: DatasetInfo(_function(name), "regression", "vector", doc) for name, (_, doc) in FUNCTIONS.items()},
     "cifar10": DatasetInfo(_load_cifar("cifar10"), "classification", "image", "CIFAR-10 from data.root",
-                           needs_root=True, missing=_torchvision_missing("cifar10")),
+                           needs_root=True, missing=_torchvision_missing("cifar10"), image_side=32),
     "cifar100": DatasetInfo(_load_cifar("cifar100"), "classification", "image", "CIFAR-100 from data.root",
-                            needs_root=True, missing=_torchvision_missing("cifar100")),
+                            needs_root=True, missing=_torchvision_missing("cifar100"), image_side=32),
     "fgvc_aircraft": DatasetInfo(_load_fgvc_aircraft, "classification", "image",
                                  "FGVC-Aircraft (100 variants) from data.root", needs_root=True,
                                  missing=_torchvision_missing("fgvc_aircraft")),
@@ -388,7 +398,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                "one sub-folder of images per class under data.root", needs_root=True,
                                missing=_imagefolder_missing),
     "fakedata": DatasetInfo(_load_fakedata, "classification", "image",
-                            "torchvision FakeData: random images and labels"),
+                            "torchvision FakeData: random images and labels", image_side=32),
 }
 """Registered data sets by name."""
 

@@ -32,6 +32,7 @@ __all__ = [
     "describe_model",
     "first_layer",
     "first_layer_bias_name",
+    "input_problem",
     "match_first_width",
 ]
 
@@ -347,6 +348,18 @@ def _shape_only(desc: ModelDesc) -> nn.Module:
     """The architecture on the meta device: shapes and parameter counts without memory or init cost."""
     with torch.device("meta"):
         return MODELS[desc.arch](desc)
+
+
+def input_problem(desc: ModelDesc) -> str | None:
+    """Why the network cannot take its input, or ``None``: a forward pass on the meta device, which
+    checks every shape (a feature map pooled to nothing, say) without memory or compute."""
+    model = _shape_only(desc).eval()
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, *desc.input_shape, device="meta"))
+    except RuntimeError as err:
+        return str(err).strip().splitlines()[0]
+    return None
 
 
 _FIRST_LAYER_TYPES = (nn.Linear, nn.Conv2d, LiftingConv2d)

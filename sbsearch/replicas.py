@@ -107,14 +107,18 @@ class ReplicaStack:
         """Set evaluation mode for every replica."""
         self.train(False)
 
-    def replica_weights(self) -> list[dict[str, Tensor]]:
-        """A snapshot of each replica's parameters: name -> detached copy, names as `named_parameters()`."""
+    def replica_weights(self, names: Sequence[str] | None = None) -> list[dict[str, Tensor]]:
+        """A snapshot of each replica's parameters, or of those in `names`: name -> detached copy, names
+        as `named_parameters()`."""
+        wanted = set(names) if names is not None else None
         if self.batched:
             return [
-                {name: stacked[index].detach().clone() for name, stacked in self._params.items()}
+                {name: stacked[index].detach().clone() for name, stacked in self._params.items()
+                 if wanted is None or name in wanted}
                 for index in range(self._num_replicas)
             ]
-        return [{name: param.detach().clone() for name, param in model.named_parameters()} for model in self._models]
+        return [{name: param.detach().clone() for name, param in model.named_parameters()
+                 if wanted is None or name in wanted} for model in self._models]
 
     def to(self, device: torch.device | str) -> ReplicaStack:
         """Move every replica to `device` and return the stack; build the optimizer after a move."""

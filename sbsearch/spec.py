@@ -19,8 +19,8 @@ import yaml
 
 from sbsearch.data import DATASETS, DataOptions
 from sbsearch.errors import Problem, SpecError, did_you_mean
-from sbsearch.models import INPUT_KINDS, MODELS, TORCHVISION_MODELS
-from sbsearch.strategies import STRATEGIES, Knob
+from sbsearch.models import INPUT_KINDS, MODELS, TORCHVISION_MODELS, input_problem
+from sbsearch.strategies import STRATEGIES, Knob, ModelDesc, apply_model_edits
 
 __all__ = [
     "Spec", "DataSpec", "ModelSpec", "TrainSpec", "SearchSpec", "TrackingSpec", "RaySpec", "ParamSpec",
@@ -470,6 +470,9 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
                     problems.append(Problem(f"space.{p.name}", why, value))
                     break
     _model_checks(spec, by_name, problems)
+    shape = DATASETS[spec.data.dataset].image_shape(data_options(spec.data))
+    if not problems and shape is not None and spec.model.name in TORCHVISION_MODELS:  # needs a buildable model
+        _input_size_checks(spec, shape, by_name, problems)
     if spec.search.pruner in RAY_SCHEDULERS and spec.search.backend != "ray":
         problems.append(Problem("search.pruner", "is a Ray Tune scheduler and needs search.backend: ray", spec.search.pruner))
     if spec.search.sampler == "grid":
@@ -503,6 +506,46 @@ def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[P
         if multiplier is not None:
             problems.append(Problem("space.controls.bias_lr_multiplier", "needs a first-layer bias, which small_cnn "
                                     "has only with norm.kind: none (a norm layer makes a conv bias redundant)", multiplier))
+
+
+def _input_size_checks(spec: Spec, shape: tuple[int, int, int], by_name: Mapping[str, ParamSpec],
+                       problems: list[Problem]) -> None:
+    """A torchvision network pools its input many times: too small an image leaves nothing to pool.
+
+    Checks the smallest and largest expansion factor with each stem adaptation in the space (the other
+    strategies at their first value), by a forward pass of shapes only.
+    """
+    base = {name: {k.name: by_name[f"{name}.{k.name}"].values[0] if by_name[f"{name}.{k.name}"].kind == "fixed"
+                   else k.default for k in strategy.knobs} for name, strategy in STRATEGIES.items()}
+    def candidates(name: str) -> tuple[Any, ...]:
+        p = by_name[name]
+        return p.values if p.kind != "range" else (p.low, p.high)
+
+    factors = sorted({int(f) for f in candidates("expansion.factor")})
+
+    def problem(side: int, factor: int, stem: str) -> str | None:
+        plain = ModelDesc(spec.model.name, (shape[0], side, side), 2, width=spec.model.width, depth=spec.model.depth,
+                          cifar_stem=spec.model.cifar_stem)
+        return input_problem(apply_model_edits(plain, {**base, "expansion": {**base["expansion"], "factor": factor,
+                                                                              "stem": stem}}))
+
+    for factor in dict.fromkeys((factors[0], factors[-1])):
+        for stem in dict.fromkeys(candidates("expansion.stem")):
+            if problem(shape[1], factor, stem) is None:
+                continue
+            low, high = shape[1], 1024  # the smallest side that works, for the message
+            while problem(high, factor, stem) is None and high - low > 1:
+                mid = (low + high) // 2
+                low, high = (mid, high) if problem(mid, factor, stem) is not None else (low, mid)
+            need = f"images of at least {high}x{high}" if problem(high, factor, stem) is None else "larger images"
+            where = spec.model.name if factor == 1 else f"{spec.model.name} at expansion.factor {factor} (stem {stem})"
+            rule = (f"{where} needs {need}, and data set {spec.data.dataset!r} gives {shape[1]}x{shape[2]}: "
+                    "set data.image_size" + ("" if spec.model.cifar_stem else ", or model.cifar_stem: true"))
+            if factor == 1:
+                problems.append(Problem("model.name", rule, spec.model.name))
+            else:
+                problems.append(Problem("space.expansion.factor", rule, factor))
+            return
 
 
 def _data_checks(data: DataSpec, problems: list[Problem]) -> None:

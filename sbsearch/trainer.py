@@ -158,7 +158,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     x_val, y_val = split.x_val.to(device), split.y_val.to(device)
     n, metric = x_train.shape[0], f"val_{split.metric}"
     score_layers = _score_layers(models[0], plan.score_layers)
-    initial = _final_weights(net) if plan.score and score_layers else []
+    initial = _final_weights(net, score_layers) if plan.score and score_layers else []
     order = torch.Generator().manual_seed(plan.seed)
     history: list[dict[str, float]] = []
     stopped = False
@@ -195,7 +195,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
         if plan.replicas > 1:
             metrics[f"{metric}_std"] = val_metric.std().item()
         if initial:
-            metrics.update(_score_metrics(_final_weights(net), initial, score_layers))
+            metrics.update(_score_metrics(_final_weights(net, score_layers), initial, score_layers))
         history.append(metrics)
         if report is not None and report(epoch, metrics):
             stopped = epoch < plan.epochs
@@ -295,10 +295,13 @@ def _score_metrics(weights: list[dict[str, torch.Tensor]], initial: list[dict[st
     return out
 
 
-def _final_weights(net: _Single) -> list[dict[str, torch.Tensor]]:
+def _final_weights(net: _Single, names: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
+    """A copy of each replica's parameters, or of those in ``names`` (the scored ones, each epoch)."""
     if isinstance(net, _Single):
-        return [{name: p.detach().clone() for name, p in net.model.named_parameters()}]
-    return net.replica_weights()  # type: ignore[attr-defined,unused-ignore]
+        wanted = set(names) if names is not None else None
+        return [{name: p.detach().clone() for name, p in net.model.named_parameters()
+                 if wanted is None or name in wanted}]
+    return net.replica_weights(names)  # type: ignore[attr-defined,unused-ignore]
 
 
 def _stack(models: list[nn.Module], batched: bool = True) -> _Single:

@@ -180,8 +180,9 @@ workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
 print(cluster.address, flush=True)
 
-def running_actor(node):
-    # A trial runs in an actor process started by the node's raylet; Ray titles it ray::<class>.<method>.
+def training_actor(node):
+    # A trial runs in an actor process started by the node's raylet, titled ray::<class>.<method>
+    # while a method runs: ray::<class>.train while the trial trains (not while it starts or stops).
     raylet = node.all_processes["raylet"][0].process.pid
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -189,20 +190,19 @@ def running_actor(node):
             title = open(f"/proc/{pid}/cmdline").read().split("\\0")[0].strip()
         except (OSError, IndexError, ValueError):
             continue
-        if parent == raylet and title.startswith("ray::") and title.split("::")[1].split(".")[0] not in (
-                "IDLE", "DashboardAgent", "RuntimeEnvAgent"):
-            return True
-    return False
+        if parent == raylet and title.startswith("ray::") and title.endswith(".train"):
+            return title
+    return None
 
 for line in sys.stdin:
     if line.strip() == "kill":
         # Kill the node only while a trial runs on it, so that trial has to fail and run again.
         deadline = time.time() + 120
-        while not running_actor(workers[1]) and time.time() < deadline:
-            time.sleep(0.05)
-        busy = running_actor(workers[1])
+        while not training_actor(workers[1]) and time.time() < deadline:
+            time.sleep(0.02)
+        busy = training_actor(workers[1])
         cluster.remove_node(workers[1], allow_graceful=False)
-        print("killed" if busy else "killed an idle node", flush=True)
+        print(f"killed {busy}" if busy else "killed an idle node", flush=True)
     else:
         break
 cluster.shutdown()
@@ -243,12 +243,13 @@ def test_sweep_survives_losing_a_worker_node(tmp_path: Path, cluster: Any) -> No
     _wait_for_line(sweep, " COMPLETE ")
     helper.stdin.write("kill\n")  # once a trial runs on the second worker
     helper.stdin.flush()
-    assert helper.stdout.readline().strip() == "killed"
+    killed = helper.stdout.readline().strip()
+    assert killed.startswith("killed ray::"), killed
     code, output = _finish(sweep)
     assert code == 0, output[-3000:]
     r = _check_agreement(out, trials=6)
     # The trial on the lost node failed there and was run again on the other worker.
-    assert sum(meta["num_failures"] for _, meta in r["ray"]) >= 1
+    assert sum(meta["num_failures"] for _, meta in r["ray"]) >= 1, (killed, output[-3000:])
 
 
 @pytest.mark.slow

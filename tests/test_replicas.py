@@ -224,6 +224,10 @@ def test_call_shape_weights_and_replica_count(batched: bool) -> None:
     assert [list(w) for w in weights] == [[name for name, _ in models[0].named_parameters()]] * NUM_REPLICAS
     assert not torch.equal(weights[0]["0.weight"], weights[1]["0.weight"])
     assert all(not tensor.requires_grad for w in weights for tensor in w.values())
+    # The score copies only the weights it scores each epoch.
+    scored = stack.replica_weights(["0.weight"])
+    assert [list(w) for w in scored] == [["0.weight"]] * NUM_REPLICAS
+    assert all(torch.equal(s["0.weight"], w["0.weight"]) for s, w in zip(scored, weights, strict=True))
     assert sum(p.numel() for p in stack.parameters()) == NUM_REPLICAS * sum(p.numel() for p in models[0].parameters())
 
 

@@ -187,9 +187,25 @@ def test_validation_says_what_cannot_apply_in_one_line(changes: dict[str, Any], 
     assert any(line.strip().startswith(f"{path}:") and "but got" in line for line in lines), lines
 
 
+def test_an_image_too_small_for_the_network_is_caught_before_running() -> None:
+    # DenseNet pools an 8x8 digit to nothing; validation runs the network on shapes alone to find out.
+    with pytest.raises(SpecError) as caught:
+        parse_spec(tiny_spec_dict(model__name="densenet121"))
+    assert ("model.name: densenet121 needs images of at least 29x29, and data set 'digits' gives 8x8: "
+            "set data.image_size, or model.cifar_stem: true, but got 'densenet121'") in str(caught.value).splitlines()
+    # Expanded but strided back by the stem, the first feature map is as small as the digit's own.
+    with pytest.raises(SpecError) as caught:
+        parse_spec(tiny_spec_dict(model__name="densenet121",
+                                  space={"expansion": {"factor": [2, 3], "stem": "stride"}}))
+    [line] = str(caught.value).strip().splitlines()
+    assert line.startswith("space.expansion.factor: densenet121 at expansion.factor 2 (stem stride) needs images "
+                           "of at least"), line
+
+
 @pytest.mark.parametrize("changes", [
     {"model__name": "resnet18", "model__cifar_stem": True, "space": {"equivariance": {"how": "augment"}}},
-    {"model__name": "densenet121", "space": {"dropout": {"rate": 0.2, "where": "all"}}},
+    {"model__name": "densenet121", "data__image_size": 32, "space": {"dropout": {"rate": 0.2, "where": "all"}}},
+    {"model__name": "densenet121", "model__cifar_stem": True, "space": {"expansion": {"factor": [1, 3]}}},
     {"space": {"controls": {"bias_lr_multiplier": [1.0, "auto"], "width_matched": [False, True]}}},
     {"model__name": "mlp", "space": {"asymmetry": {"fraction": {"low": 0.0, "high": 0.5}}}},
 ])
