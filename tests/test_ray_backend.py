@@ -104,8 +104,10 @@ def _records(out: Path) -> dict[str, Any]:
     optuna_trials = [t for t in storage.get_all_trials(study_id) if not t.user_attrs.get("sbsearch.interrupted")]
     with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    state_file = max(glob.glob(str(out / "ray" / "experiment" / "experiment_state-*.json")))
-    ray_trials = [(json.loads(t[0]), json.loads(t[1])) for t in json.loads(Path(state_file).read_text())["trial_data"]]
+    ray_trials = []
+    for experiment in glob.glob(str(out / "ray" / "experiment*")):  # one more per resume that adds trials
+        state_file = max(glob.glob(str(Path(experiment) / "experiment_state-*.json")))
+        ray_trials += [(json.loads(t[0]), json.loads(t[1])) for t in json.loads(Path(state_file).read_text())["trial_data"]]
     return {"client": client, "runs": runs, "optuna": optuna_trials, "csv": rows, "ray": ray_trials}
 
 
@@ -166,6 +168,13 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path: Path) -> Non
     r = _check_agreement(out, trials=6)
     assert done_before <= {row["number"] for row in r["csv"]}, "a finished trial was lost"
     assert all(meta["last_result"].get("sbsearch_state") == "COMPLETE" for _, meta in r["ray"])
+
+    # Asked for more trials, the finished sweep runs only the new ones, as a second Ray experiment.
+    code, output = _finish(_sbsearch(spec, out, "--trials", "8"))
+    assert code == 0, output[-3000:]
+    r = _check_agreement(out, trials=8)
+    assert sorted(p.name for p in (out / "ray").glob("experiment*")) == ["experiment", "experiment-2"]
+    assert len(r["ray"]) == 8 and all(meta["last_result"].get("sbsearch_state") == "COMPLETE" for _, meta in r["ray"])
 
 
 _CLUSTER = """
@@ -250,6 +259,22 @@ def test_sweep_survives_losing_a_worker_node(tmp_path: Path, cluster: Any) -> No
     r = _check_agreement(out, trials=6)
     # The trial on the lost node failed there and was run again on the other worker.
     assert sum(meta["num_failures"] for _, meta in r["ray"]) >= 1, (killed, output[-3000:])
+
+
+@pytest.mark.slow
+def test_a_sweep_without_an_address_starts_its_own_ray_beside_a_running_cluster(tmp_path: Path, cluster: Any) -> None:
+    # Someone else's cluster runs on this machine, with a token this sweep does not hold: plain
+    # ray.init() would try to join it (and fail on the token, or worse, succeed and use its nodes).
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = _write_spec(tmp_path, train__epochs=1, search__trials=2)
+    proc = subprocess.Popen([sys.executable, "-m", "sbsearch.cli", "run", str(spec), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**_env(), "RAY_AUTH_TOKEN": secrets.token_hex(16)}, cwd=tmp_path,
+                            start_new_session=True)
+    code, output = _finish(proc, timeout=180)
+    assert code == 0, output[-3000:]
+    _check_agreement(out, trials=2)
 
 
 @pytest.mark.slow

@@ -68,8 +68,16 @@ _RAY_KEYS = {"epoch", _STATE, "done", "trial_id", "experiment_tag", "training_it
 
 
 def experiment_path(out_dir: Path) -> Path:
-    """Where Ray Tune keeps the sweep's experiment state (what ``Tuner.restore`` reads)."""
-    return out_dir / "ray" / "experiment"
+    """Where Ray Tune keeps the sweep's current experiment state (what ``Tuner.restore`` reads):
+    ``OUT/ray/experiment``, or ``experiment-N`` once a resume with more trials has added more."""
+    return _experiment_paths(out_dir)[-1]
+
+
+def _experiment_paths(out_dir: Path) -> list[Path]:
+    """Every experiment of the sweep, first to last (at least the first, which may not exist yet)."""
+    root = out_dir / "ray"
+    later = [p for p in root.glob("experiment-*") if p.name.rpartition("-")[2].isdigit()] if root.is_dir() else []
+    return [root / "experiment", *sorted(later, key=lambda p: int(p.name.rpartition("-")[2]))]
 
 
 # --- the board: what the trials know of each other, shared by the trials and the driver -------------------
@@ -317,7 +325,9 @@ def _connect(spec: Spec) -> bool:
     address = spec.ray.address
     _probe(address)
     try:
-        ray.init(address=address, namespace=_NAMESPACE, include_dashboard=False, log_to_driver=False,
+        # No address starts a Ray of the sweep's own ("local"): plain ray.init() would join whatever
+        # cluster another program left running on this machine.
+        ray.init(address=address or "local", namespace=_NAMESPACE, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING, configure_logging=True)
     except Exception as exc:  # noqa: BLE001 - any failure to start or join is the user's to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -365,9 +375,21 @@ class RayBackend(Backend):
             trainable = tune.with_resources(
                 tune.with_parameters(_trainable, ctx=ctx, board=board_name, rule=rule),
                 {"cpu": spec.ray.cpus_per_trial, "gpu": spec.ray.gpus_per_trial})
-            tuner = self._tuner(ctx, study, trainable, metric, direction)
-            interrupted = self._fit(tuner, study, spec, progress)
+            path = experiment_path(ctx.out_dir)
+            restored = tune.Tuner.can_restore(str(path))
+            tuner = (self._restored_tuner(path, trainable) if restored
+                     else self._new_tuner(ctx, study, trainable, metric, direction, path))
+            interrupted, ended = self._fit(tuner, study, spec, progress)
             self.stopped_because = _SESSION.stopped_because
+            if restored and ended and self.stopped_because is None and (deadline is None or time.time() < deadline):
+                # A restored experiment keeps the number of trials it began with: a larger --trials (or
+                # search.trials) runs the rest as a new experiment, with the current search.parallel.
+                _forget_orphans(ctx, study)
+                if _finished(study) < optuna_backend.trial_budget(spec):  # type: ignore[attr-defined]
+                    path = path.with_name(f"experiment-{len(_experiment_paths(ctx.out_dir)) + 1}")
+                    tuner = self._new_tuner(ctx, study, trainable, metric, direction, path)
+                    interrupted, ended = self._fit(tuner, study, spec, progress)
+                    self.stopped_because = _SESSION.stopped_because
             if interrupted or (self.stopped_because is None and _unfinished(study, spec, deadline)):
                 raise SweepInterrupted()
             _forget_orphans(ctx, study)
@@ -378,21 +400,23 @@ class RayBackend(Backend):
             if started:
                 ray.shutdown()
 
-    def _tuner(self, ctx: SweepContext, study: optuna.Study, trainable: Any, metric: str, direction: str) -> Any:
-        path = experiment_path(ctx.out_dir)
-        if tune.Tuner.can_restore(str(path)):
-            # Finished trials stay finished (errored ones too); the ones that were running start again.
-            return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
-                                      restart_errored=False)
+    @staticmethod
+    def _restored_tuner(path: Path, trainable: Any) -> Any:
+        # Finished trials stay finished (errored ones too); the ones that were running start again.
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+
+    @staticmethod
+    def _new_tuner(ctx: SweepContext, study: optuna.Study, trainable: Any, metric: str, direction: str,
+                   path: Path) -> Any:
         spec = ctx.spec
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get(optuna_backend._INTERRUPTED)]
         search = _SweepSearch(
             functools.partial(_define_space, spec), metric=metric, mode=_MODES[direction],
             sampler=optuna_backend._sampler(spec, len(study.trials)), study_name=spec.name, storage=study._storage)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=_scheduler(spec, metric, direction),
-                                        num_samples=max(1, optuna_backend.trial_budget(spec) - len(done)),  # type: ignore[attr-defined]
+                                        num_samples=max(1, optuna_backend.trial_budget(spec) - _finished(study)),  # type: ignore[attr-defined]
                                         max_concurrent_trials=spec.search.parallel,
                                         # a warm worker skips the imports and data loading: seconds per trial
                                         reuse_actors=True),
@@ -400,8 +424,9 @@ class RayBackend(Backend):
                                       failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures)),
         )
 
-    def _fit(self, tuner: Any, study: optuna.Study, spec: Spec, progress: ProgressSink) -> bool:
-        """Run Tune, showing progress from the journal; True when the user interrupted it twice."""
+    def _fit(self, tuner: Any, study: optuna.Study, spec: Spec, progress: ProgressSink) -> tuple[bool, bool]:
+        """Run Tune, showing progress from the journal. Returns (the user interrupted it twice, every
+        trial of the experiment ended: none left pending or running, as after Ctrl-C)."""
         stop = threading.Event()
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: sbsearch's display, not Tune's tables
         # A failed trial's last result has no objective (it diverged or crashed); Tune's strict check
@@ -416,13 +441,13 @@ class RayBackend(Backend):
         shower = threading.Thread(target=show, name="sbsearch-progress", daemon=True)
         shower.start()
         try:
-            tuner.fit()
+            grid = tuner.fit()
         except KeyboardInterrupt:  # a second Ctrl-C, while Tune was saving
-            return True
+            return True, False
         finally:
             stop.set()
             shower.join()
-        return False
+        return False, grid.num_terminated + grid.num_errors == len(grid)
 
 
 def _on_this_node() -> Any:
@@ -438,9 +463,13 @@ def _unfinished(study: optuna.Study, spec: Spec, deadline: float | None) -> bool
     when trials are still running and the budget is not met."""
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(optuna_backend._INTERRUPTED)]
     running = any(t.state == TrialState.RUNNING for t in trials)
-    counted = sum(t.state.is_finished() for t in trials)
     budget: int = optuna_backend.trial_budget(spec)  # type: ignore[attr-defined]
-    return running and counted < budget and (deadline is None or time.time() < deadline)
+    return running and _finished(study) < budget and (deadline is None or time.time() < deadline)
+
+
+def _finished(study: optuna.Study) -> int:
+    """Finished trials that count towards the budget (not those an interruption cut short)."""
+    return sum(t.state.is_finished() for t in optuna_backend._counted(study.get_trials(deepcopy=False)))
 
 
 def _finished_peers(study: optuna.Study, metric: str) -> list[PeerTrial]:
