@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-PRUNERS = ("none", "median", "hyperband", "wasserstein", "combined", "wasserstein_low")
+PRUNERS = ("none", "median", "hyperband", "wasserstein", "combined", "wasserstein_low", "combined_metric")
 # Rows that are a rule with a fixed option: the score's direction taken from benchmarks/score_validity.py
 # (on the digits, a low early sb_score went with a high final accuracy) instead of learned in the sweep.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"wasserstein_low": ("wasserstein", {"score_direction": "low_is_good"})}
+# `combined_metric` is the combined rule fitted on the metric alone: what is left when the score is taken out.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"wasserstein_low": ("wasserstein", {"score_direction": "low_is_good"}),
+                                                   "combined_metric": ("combined", {"combined_score": False})}
 
 
-def sweep_dict(seed: int, row: str, trials: int, epochs: int) -> dict[str, Any]:
+def sweep_dict(seed: int, row: str, trials: int, epochs: int, warmup: int = 2, quantile: float = 0.5) -> dict[str, Any]:
     pruner, options = VARIANTS.get(row, (row, {}))
     return {
         "name": f"pruning-{row}-{seed}", "seed": seed,
@@ -39,8 +41,8 @@ def sweep_dict(seed: int, row: str, trials: int, epochs: int) -> dict[str, Any]:
         # K=2 without an adapted stem, dropout and no normalisation make slow or poor trials to stop.
         "space": {"expansion": {"factor": [1, 2], "fill": [0.0, 0.5, 1.0], "stem": ["none", "stride"]},
                   "norm": {"kind": ["none", "batch"]}, "dropout": {"rate": [0.0, 0.3]}},
-        "search": {"sampler": "random", "trials": trials, "pruner": pruner, "warmup_epochs": 2,
-                   "prune_quantile": 0.5, "min_finished": 5, **options},
+        "search": {"sampler": "random", "trials": trials, "pruner": pruner, "warmup_epochs": warmup,
+                   "prune_quantile": quantile, "min_finished": 5, **options},
     }
 
 
@@ -58,7 +60,7 @@ def warm_up() -> None:
         run_sweep(parse_spec(raw), Path(tmp) / "out", console=Console(file=devnull), track=False)
 
 
-def run_one(job: tuple[int, str, int, int]) -> dict[str, Any]:
+def run_one(job: tuple[int, str, int, int, int, float]) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
@@ -66,8 +68,8 @@ def run_one(job: tuple[int, str, int, int]) -> dict[str, Any]:
     from sbsearch.sweep import run_sweep
 
     torch.set_num_threads(1)
-    seed, pruner, trials, epochs = job
-    spec = parse_spec(sweep_dict(seed, pruner, trials, epochs))
+    seed, pruner, trials, epochs, warmup, quantile = job
+    spec = parse_spec(sweep_dict(seed, pruner, trials, epochs, warmup, quantile))
     with tempfile.TemporaryDirectory() as tmp, open("/dev/null", "w") as devnull:
         start, cpu = time.perf_counter(), time.process_time()
         result = run_sweep(spec, Path(tmp) / "out", console=Console(file=devnull), track=False)
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--pruners", default=",".join(PRUNERS))
+    parser.add_argument("--warmup", type=int, default=2, help="search.warmup_epochs of every rule")
+    parser.add_argument("--quantile", type=float, default=0.5, help="search.prune_quantile of wasserstein and combined")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--write", help="also write the markdown output to this file")
     args = parser.parse_args()
@@ -92,17 +96,18 @@ def main() -> None:
     pruners = args.pruners.split(",")
     assert pruners[0] == "none", "ratios are to none: list it first"
     start = time.perf_counter()
-    jobs = [(seed, p, args.trials, args.epochs) for seed in seeds for p in pruners]
+    jobs = [(seed, p, args.trials, args.epochs, args.warmup, args.quantile) for seed in seeds for p in pruners]
     with mp.get_context("spawn").Pool(args.processes, initializer=warm_up) as pool:
         rows = pool.map(run_one, jobs, chunksize=1)
     by = {(r["seed"], r["pruner"]): r for r in rows}
 
     lines = ["# Pruning efficiency: the same seeded sweep under each rule", "",
              (f"digits, small_cnn width 8, 3 replicas, {args.trials} random-sampler trials of {args.epochs} epochs, "
-              f"warm-up 2 epochs, prune_quantile 0.5, min_finished 5; seeds {args.seeds}. "
+              f"warm-up {args.warmup} epochs, prune_quantile {args.quantile}, min_finished 5; seeds {args.seeds}. "
               "Ratios are to `none` with the same seed, then averaged over seeds (mean, and min to max). "
               "CPU time is the sweep process's own (one torch thread), which other jobs on the machine "
-              "disturb less than wall time. `wasserstein_low` is wasserstein with score_direction: low_is_good."), "",
+              "disturb less than wall time. `wasserstein_low` is wasserstein with score_direction: low_is_good; "
+              "`combined_metric` is combined with combined_score: false (the metric alone)."), "",
              ("| rule | best final accuracy | difference to none (points) | best ratio | epochs ratio | wall-time ratio | "
               "CPU-time ratio | pruned trials | pruned by the score rule itself |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -312,14 +312,16 @@ def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 class CombinedRule(PruningRule):
     """Predict the final objective from the objective and ``sb_score`` at the epoch (least squares over
     completed trials) and stop a trial whose prediction is in the worst ``quantile`` of the predictions
-    for the trials that reached the epoch. Without ``sb_score`` (one replica) it fits the objective alone."""
+    for the trials that reached the epoch. Without ``sb_score`` (one replica), or with ``use_score`` off
+    (the control that shows what the score adds), it fits the objective alone."""
 
     quantile: float = 0.5
     fallback: str = "median"
     min_finished: int = 5
+    use_score: bool = True
 
     def judge(self, epoch: int, metrics: Mapping[str, float], peers: Sequence[PeerTrial], number: int) -> str | None:
-        keys = [self.metric, SCORE] if _finite(metrics.get(SCORE)) else [self.metric]
+        keys = [self.metric, SCORE] if self.use_score and _finite(metrics.get(SCORE)) else [self.metric]
         if not all(_finite(metrics.get(k)) for k in keys):
             return None
 
@@ -360,7 +362,8 @@ PRUNERS: dict[str, type[PruningRule]] = {
 
 def make_rule(name: str, metric: str, direction: str, warmup_epochs: int, *, epochs: int = 10,
               reduction_factor: int = 3, quantile: float = 0.5, score_direction: str = "learned",
-              fallback: str = "median", alpha: float = 0.05, min_finished: int = 5) -> PruningRule:
+              fallback: str = "median", alpha: float = 0.05, min_finished: int = 5,
+              combined_score: bool = True) -> PruningRule:
     """The rule ``name`` of ``PRUNERS`` with the options it takes (the others are ignored).
 
     Example:
@@ -377,7 +380,7 @@ def make_rule(name: str, metric: str, direction: str, warmup_epochs: int, *, epo
                                fallback=fallback, alpha=alpha, min_finished=min_finished)
     if cls is CombinedRule:
         return CombinedRule(metric, direction, warmup_epochs, quantile=quantile, fallback=fallback,
-                            min_finished=min_finished)
+                            min_finished=min_finished, use_score=combined_score)
     return cls(metric, direction, warmup_epochs)
 
 
@@ -387,4 +390,4 @@ def rule_for(spec: Spec, metric: str, direction: str) -> PruningRule:
     return make_rule(s.pruner, metric, direction, s.warmup_epochs, epochs=spec.train.epochs,
                      reduction_factor=s.reduction_factor, quantile=s.prune_quantile,
                      score_direction=s.score_direction, fallback=s.fallback, alpha=s.alpha,
-                     min_finished=s.min_finished)
+                     min_finished=s.min_finished, combined_score=s.combined_score)

@@ -136,6 +136,8 @@ class SearchSpec:
                       ("must be in (0, 1)", lambda x: 0 < x < 1))
     min_finished: int = _f(5, "wasserstein, combined: completed trials needed to learn the direction or fit",
                            ("must be >= 3", lambda x: x >= 3))
+    combined_score: bool = _f(True, "combined: fit on sb_score as well as the metric (false: the metric alone, the "
+                              "control that shows what the score adds)")
     reduction_factor: int = _f(3, "successive_halving, hyperband: keep 1/reduction_factor of the trials at each rung",
                                ("must be >= 2", lambda x: x >= 2))
     timeout: Union[float, None] = _f(None, "stop starting new trials after this many seconds (null = no limit)",

@@ -139,6 +139,12 @@ def test_combined_rule_predicts_the_final_metric_from_metric_and_score() -> None
     reason = median_fallback.decide(2, {ACC: 0.3, "sb_score": 0.0}, peers[:4])
     assert reason is not None and reason.startswith("median:")
     assert rule.decide(1, {ACC: 0.0, "sb_score": 0.0}, peers) is None  # warm-up
+    # Without the score (combined_score: false) the fit sees accuracy alone: whichever way its slope
+    # goes, one accuracy far outside the peers' is predicted worst, and the fit names no score.
+    metric_only = make_rule("combined", ACC, "maximize", 2, fallback="none", combined_score=False)
+    reasons = [metric_only.decide(2, {ACC: a, "sb_score": 0.40}, peers) for a in (-5.0, 5.0)]
+    [reason] = [r for r in reasons if r is not None]
+    assert "sb_score" not in reason and reason.endswith("*val_accuracy)")
 
 
 def test_make_rule_passes_the_options_each_rule_takes() -> None:

@@ -206,10 +206,10 @@ def training_actor(node):
 for line in sys.stdin:
     if line.strip() == "kill":
         # Kill the node only while a trial runs on it, so that trial has to fail and run again.
-        deadline = time.time() + 120
-        while not training_actor(workers[1]) and time.time() < deadline:
-            time.sleep(0.02)
-        busy = training_actor(workers[1])
+        deadline, busy = time.time() + 120, None
+        while busy is None and time.time() < deadline:
+            busy = training_actor(workers[1])
+            time.sleep(0 if busy else 0.02)
         cluster.remove_node(workers[1], allow_graceful=False)
         print(f"killed {busy}" if busy else "killed an idle node", flush=True)
     else:
