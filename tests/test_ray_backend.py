@@ -177,6 +177,38 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(tmp_path: Path) -> Non
     assert len(r["ray"]) == 8 and all(meta["last_result"].get("sbsearch_state") == "COMPLETE" for _, meta in r["ray"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_killed_driver_resumes_without_losing_or_duplicating(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = _write_spec(tmp_path, train__epochs=6, search__trials=6, search__pruner="none")
+    first = _sbsearch(spec, out)
+    _wait_for_line(first, " COMPLETE ")
+    # The machine goes away: the driver, its local Ray and the trials die at once, with no chance to save.
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(60)
+    before = _finished_params(out)
+    assert 1 <= len(before) < 6
+    code, output = _finish(_sbsearch(spec, out))
+    assert code == 0, output[-3000:]
+    r = _check_agreement(out, trials=6)
+    after = {int(row["number"]): row for row in r["csv"]}
+    for number, params in before.items():  # finished trials are kept as they were
+        assert number in after and after[number]["state"] == "COMPLETE", (number, after)
+        assert {k: str(v) for k, v in params.items()} == {k: after[number][k] for k in params}
+
+
+def _finished_params(out: Path) -> dict[int, dict[str, Any]]:
+    """Finished trials of a sweep whose driver was killed (no trials.csv yet): number -> parameters."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(out / "optuna.journal")))
+    study_id = storage.get_study_id_from_name(str(_SPEC["name"]))
+    return {t.number: t.params for t in storage.get_all_trials(study_id) if t.state.name == "COMPLETE"}
+
+
 _CLUSTER = """
 import os
 import sys

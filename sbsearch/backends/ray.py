@@ -88,9 +88,9 @@ class _Board:
     epoch), plus the records of finished trials. Lives in one small actor on the driver's node, so
     trials on any node share it and losing a worker loses nothing of it."""
 
-    def __init__(self, peers: list[PeerTrial]) -> None:
+    def __init__(self, peers: list[PeerTrial], records: dict[int, dict[str, Any]]) -> None:
         self.trials = {p.number: p for p in peers}
-        self.records: dict[int, dict[str, Any]] = {}
+        self.records = dict(records)
 
     def report(self, number: int, epoch: int, metrics: dict[str, float]) -> list[PeerTrial]:
         """Note a running trial's metrics after ``epoch`` and return the other trials."""
@@ -153,8 +153,16 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
     number = int(config[_NUMBER])
     trial_config = config_from_params(ctx.spec, {k: v for k, v in config.items() if k != _NUMBER})
     handle = _board(board)
-    _delete_runs_of(ctx, number)
     metric = DATASETS[ctx.spec.data.dataset].objective[0]
+    done = ray.get(handle.record.remote(number))
+    if done is not None:
+        # It finished after Ray last saved its state, before the driver died: Ray restarts it, but
+        # its record stands. Report that record instead of training it again.
+        record = _record_from(done)
+        tune.report({**{k: v for k, v in record.final.items() if math.isfinite(v)}, "epoch": record.epochs_run,
+                     _STATE: record.state})
+        return
+    _delete_runs_of(ctx, number)
     last: dict[str, float] = {}
 
     def should_prune(epoch: int, metrics: Mapping[str, float]) -> str | None:
@@ -229,10 +237,17 @@ class _SweepSearch(OptunaSearch):
                 return Searcher.FINISHED
         return super().suggest(trial_id)
 
+    def _finished_in_study(self, ot_trial: Any) -> bool:
+        """Whether the study already holds the trial's outcome (it finished before the driver died)."""
+        assert self._ot_study is not None
+        return bool(self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished())
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         value, epoch = result.get(self.metric), result.get("epoch")
         if ot_trial is None or not isinstance(value, (int, float)) or not math.isfinite(value) or epoch is None:
+            return
+        if self._finished_in_study(ot_trial):
             return
         with warnings.catch_warnings():  # the final report repeats the last epoch: Optuna ignores it
             warnings.simplefilter("ignore")
@@ -243,6 +258,8 @@ class _SweepSearch(OptunaSearch):
         if ot_trial is None or trial_id in self._completed_trials:
             return
         self._completed_trials.add(trial_id)
+        if self._finished_in_study(ot_trial):
+            return
         session, study = _SESSION, self._ot_study
         assert session is not None and study is not None, "the searcher runs only inside RayBackend.run"
         number, params = ot_trial.number, dict(ot_trial.params)
@@ -367,7 +384,8 @@ class RayBackend(Backend):
         board_name = f"sbsearch-board-{uuid.uuid4().hex[:12]}"
         try:
             board: Any = ray.remote(num_cpus=0)(_Board).options(
-                name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(_finished_peers(study, metric))
+                name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(
+                    _finished_peers(study, metric), _finished_records(study))
             ray.get(board.record.remote(-1))  # placed and running before any trial asks
             deadline = time.time() + spec.search.timeout if spec.search.timeout else None
             _SESSION = _Session(ctx, board_name, deadline, since=time.time())
@@ -475,6 +493,12 @@ def _finished(study: optuna.Study) -> int:
 def _finished_peers(study: optuna.Study, metric: str) -> list[PeerTrial]:
     """The peers a resumed sweep starts with: its finished trials (running ones start again)."""
     return [p for p in optuna_backend._peers(study, -1, metric) if p.state != "RUNNING"]
+
+
+def _finished_records(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    """The records of the trials the study holds as finished, by number."""
+    return {t.number: t.user_attrs[optuna_backend._RECORD] for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and optuna_backend._RECORD in t.user_attrs}
 
 
 def _forget_orphans(ctx: SweepContext, study: optuna.Study) -> None:
