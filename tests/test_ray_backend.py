@@ -325,7 +325,9 @@ def test_board_gives_rules_every_other_trial_and_forgets_a_lost_attempt() -> Non
     from sbsearch.backends.ray import _Board
     from sbsearch.pruning import PeerTrial
 
-    board = _Board([PeerTrial(0, "COMPLETE", {1: {"val_accuracy": 0.9}}, 0.9)])
+    # Trial 0 finished in an earlier run of the sweep: its record is there from the start.
+    board = _Board([PeerTrial(0, "COMPLETE", {1: {"val_accuracy": 0.9}}, 0.9)], {0: {"number": 0, "state": "COMPLETE"}})
+    assert board.record(0) == {"number": 0, "state": "COMPLETE"}
     board.report(1, 1, {"val_accuracy": 0.5})
     board.report(1, 2, {"val_accuracy": 0.6})
     peers = board.report(2, 1, {"val_accuracy": 0.7})
