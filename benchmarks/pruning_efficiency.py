@@ -7,6 +7,9 @@ rule: the best final accuracy found, the epochs trained and the wall time, each 
 with the same seed, and the best accuracy's difference to ``none`` in percentage points.
 
     python benchmarks/pruning_efficiency.py --seeds 0,1,2,3,4 --trials 30 --epochs 8 --write benchmarks/results/pruning_efficiency.md
+    python benchmarks/pruning_efficiency.py --warmup 1 --quantile 0.7 --write benchmarks/results/pruning_efficiency_aggressive.md
+
+``combined_metric`` (the combined rule on the metric alone) is the control for what ``sb_score`` adds.
 
 The aim (issue 4): with wasserstein or combined, the best final metric within 0.5 points of none while
 training at most half the epochs, and fewer epochs than median at the same loss. Sweeps run two at a
