@@ -4,7 +4,10 @@ For N sampled configurations of a digits space (small CNN, Adam) and of a functi
 (MLP, L-BFGS, fn_highfreq), each trained to the end with 3 replicas, the Spearman correlation with the
 final validation metric (mean over replicas) of:
 
-- sb_score after epoch 1, 2 and 3 (the replica Wasserstein score, sbsearch/score.py);
+- sb_score after epoch 1, 2 and 3 (the replica Wasserstein score, sbsearch/score.py), and the same
+  among the configurations without and with batch normalisation (DESIGN.md expects the sign to differ);
+- the first scored layer's own score (``sb_score.<layer>``; the mean is dominated by the largest layer)
+  and sb_drift (each replica against its own initialisation) after the same epochs;
 - the validation metric after epoch 1, 2 and 3 (what the median rule looks at);
 - the parameter count, and synflow and the gradient norm at initialisation (zero-cost proxies).
 
@@ -102,9 +105,16 @@ def run_config(job: tuple[str, int, dict[str, Any]]) -> dict[str, float]:
         result = train(split, desc, train_plan(spec))
     except Exception:  # a diverged configuration has no final metric: left out of the correlations
         return {**row, "final": math.nan}
+    first = next((k for k in result.history[0] if k.startswith("sb_score.")), None)  # in layer order
+    norm = params.get("norm.kind", "none")
     for e in EARLY:
-        row[f"sb_score@{e}"] = result.history[e - 1].get("sb_score", math.nan)
-        row[f"{metric}@{e}"] = result.history[e - 1][metric]
+        epoch = result.history[e - 1]
+        row[f"sb_score@{e}"] = epoch.get("sb_score", math.nan)
+        for kind in ("none", "batch"):  # one split per normalisation; the other stays NaN, out of the rho
+            row[f"sb_score[norm {kind}]@{e}"] = epoch.get("sb_score", math.nan) if norm == kind else math.nan
+        row[f"sb_score.first@{e}"] = epoch.get(first, math.nan) if first else math.nan
+        row[f"sb_drift@{e}"] = epoch.get("sb_drift", math.nan)
+        row[f"{metric}@{e}"] = epoch[metric]
     row["final"] = result.final[metric]
     row["seconds"] = time.perf_counter() - start
     return row
@@ -163,8 +173,10 @@ def main() -> None:
     signal_names: list[str] = []
     for s in spaces:
         metric = DATASETS[parse_spec(SPACES[s]).data.dataset].objective[0]
-        for name in [*(f"sb_score@{e}" for e in EARLY), *(f"{metric}@{e}" for e in EARLY),
-                     "parameters", "synflow_init", "grad_norm_init"]:
+        for name in [*(f"sb_score@{e}" for e in EARLY),
+                     *(f"sb_score[norm {kind}]@{e}" for kind in ("none", "batch") for e in EARLY),
+                     *(f"sb_score.first@{e}" for e in EARLY), *(f"sb_drift@{e}" for e in EARLY),
+                     *(f"{metric}@{e}" for e in EARLY), "parameters", "synflow_init", "grad_norm_init"]:
             key = name.replace(metric, "metric")
             if key not in signal_names:
                 signal_names.append(key)
@@ -178,7 +190,12 @@ def main() -> None:
             y = np.array([r["final"] for r in rows], dtype=float)
             rho, lo, hi, n = spearman_ci(x, y, args.bootstrap, rng)
             cells.append("n/a" if math.isnan(rho) else f"{rho:+.2f} [{lo:+.2f}, {hi:+.2f}] (n={n})")
-        label = key.replace("metric", "val metric").replace("@", " after epoch ")
+        subset = {"[norm none]": " (no norm only)", "[norm batch]": " (batch norm only)"}
+        label = key.replace("metric", "val metric").replace("sb_score.first", "first layer's sb_score")
+        label = label.replace("@", " after epoch ")
+        for tag, words in subset.items():
+            if tag in label:
+                label = label.replace(tag, "") + words
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     for s in spaces:
