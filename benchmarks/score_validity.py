@@ -67,6 +67,7 @@ def _init_signals(split: Any, desc: Any, seed: int) -> dict[str, float]:
     model = build_model(desc, seed)
     out: dict[str, float] = {"parameters": float(count_parameters(model))}
     model.train()
+    torch.manual_seed(seed)  # the dropout masks of this one batch: the same in every run
     x, y = split.x_train[:256], split.y_train[:256]
     model.zero_grad()
     task_loss(model(x).unsqueeze(0), y, split.task).backward()
