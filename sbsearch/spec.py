@@ -197,6 +197,15 @@ class ParamSpec:
     def searched(self) -> bool:
         return self.kind != "fixed" and not (self.kind == "choice" and len(self.values) == 1)
 
+    @property
+    def extremes(self) -> tuple[Any, ...]:
+        """The values validation tries: every listed value, or a range's two ends."""
+        return self.values if self.kind != "range" else (self.low, self.high)
+
+    def first(self, default: Any) -> Any:
+        """The value a check assumes when it varies another knob: a fixed value, else ``default``."""
+        return self.values[0] if self.kind == "fixed" else default
+
     def size(self) -> float:
         """How many distinct values this parameter can take (``inf`` for a continuous range)."""
         if self.kind == "fixed":
@@ -453,11 +462,14 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
         problems.append(Problem("model.name", f"needs {' or '.join(INPUT_KINDS[spec.model.name])} inputs, "
                                 f"and data set {spec.data.dataset!r} has {input_kind} inputs", spec.model.name))
     by_name = {p.name: p for p in spec.space}
+    # Every strategy's knobs at their fixed value or default: what a check holds still.
+    bases = {name: {k.name: by_name[f"{name}.{k.name}"].first(k.default) for k in strategy.knobs}
+             for name, strategy in STRATEGIES.items()}
     for sname, strategy in STRATEGIES.items():
         if strategy.incompatible is None:
             continue
         params = [by_name[f"{sname}.{k.name}"] for k in strategy.knobs]
-        base = {p.knob: p.values[0] if p.kind == "fixed" else strategy.knob_by_name[p.knob].default for p in params}
+        base = bases[sname]
         why = strategy.incompatible(base, spec.model.name, input_kind)
         if why is not None:
             # Blame the fixed knob the user set away from its default (the last one, as in "kind: channel").
@@ -465,8 +477,7 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
             problems.append(Problem(f"space.{culprit.name}", why, culprit.values[0]))
             continue
         for p in params:
-            candidates = p.values if p.kind != "range" else (p.low, p.high)
-            for value in candidates:
+            for value in p.extremes:
                 why = strategy.incompatible({**base, p.knob: value}, spec.model.name, input_kind)
                 if why is not None:
                     problems.append(Problem(f"space.{p.name}", why, value))
@@ -474,7 +485,7 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
     _model_checks(spec, by_name, problems)
     shape = DATASETS[spec.data.dataset].image_shape(data_options(spec.data))
     if not problems and shape is not None and spec.model.name in TORCHVISION_MODELS:  # needs a buildable model
-        _input_size_checks(spec, shape, by_name, problems)
+        _input_size_checks(spec, shape, bases, by_name, problems)
     if spec.search.pruner in RAY_SCHEDULERS and spec.search.backend != "ray":
         problems.append(Problem("search.pruner", "is a Ray Tune scheduler and needs search.backend: ray", spec.search.pruner))
     if spec.search.sampler == "grid":
@@ -486,8 +497,7 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
 def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[Problem]) -> None:
     """What one strategy's ``incompatible`` hook cannot see: other strategies and the model section."""
     def candidates(name: str) -> tuple[Any, ...]:
-        p = by_name[name]
-        return p.values if p.kind != "range" else (p.low, p.high)
+        return by_name[name].extremes
 
     if spec.model.cifar_stem and spec.model.name not in TORCHVISION_MODELS:
         problems.append(Problem("model.cifar_stem", "applies to torchvision models only (" +
@@ -510,36 +520,35 @@ def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[P
                                     "has only with norm.kind: none (a norm layer makes a conv bias redundant)", multiplier))
 
 
-def _input_size_checks(spec: Spec, shape: tuple[int, int, int], by_name: Mapping[str, ParamSpec],
-                       problems: list[Problem]) -> None:
+def _input_size_checks(spec: Spec, shape: tuple[int, int, int], base: Mapping[str, Mapping[str, Any]],
+                       by_name: Mapping[str, ParamSpec], problems: list[Problem]) -> None:
     """A torchvision network pools its input many times: too small an image leaves nothing to pool.
 
     Checks the smallest and largest expansion factor with each stem adaptation in the space (the other
     strategies at their first value), by a forward pass of shapes only.
     """
-    base = {name: {k.name: by_name[f"{name}.{k.name}"].values[0] if by_name[f"{name}.{k.name}"].kind == "fixed"
-                   else k.default for k in strategy.knobs} for name, strategy in STRATEGIES.items()}
-    def candidates(name: str) -> tuple[Any, ...]:
-        p = by_name[name]
-        return p.values if p.kind != "range" else (p.low, p.high)
-
-    factors = sorted({int(f) for f in candidates("expansion.factor")})
+    factors = sorted({int(f) for f in by_name["expansion.factor"].extremes})
 
     def problem(side: int, factor: int, stem: str) -> str | None:
         plain = ModelDesc(spec.model.name, (shape[0], side, side), 2, width=spec.model.width, depth=spec.model.depth,
                           cifar_stem=spec.model.cifar_stem)
-        return input_problem(apply_model_edits(plain, {**base, "expansion": {**base["expansion"], "factor": factor,
-                                                                              "stem": stem}}))
+        settings = {name: dict(values) for name, values in base.items()}
+        settings["expansion"].update(factor=factor, stem=stem)
+        return input_problem(apply_model_edits(plain, settings))
 
     for factor in dict.fromkeys((factors[0], factors[-1])):
-        for stem in dict.fromkeys(candidates("expansion.stem")):
+        for stem in dict.fromkeys(by_name["expansion.stem"].extremes):
             if problem(shape[1], factor, stem) is None:
                 continue
-            low, high = shape[1], 1024  # the smallest side that works, for the message
-            while problem(high, factor, stem) is None and high - low > 1:
-                mid = (low + high) // 2
-                low, high = (mid, high) if problem(mid, factor, stem) is not None else (low, mid)
-            need = f"images of at least {high}x{high}" if problem(high, factor, stem) is None else "larger images"
+            # The smallest side that works, for the message: bisect between a side that fails and one that works.
+            low, high = shape[1], 1024
+            if problem(high, factor, stem) is None:
+                while high - low > 1:
+                    mid = (low + high) // 2
+                    low, high = (mid, high) if problem(mid, factor, stem) is not None else (low, mid)
+                need = f"images of at least {high}x{high}"
+            else:
+                need = "larger images"
             where = spec.model.name if factor == 1 else f"{spec.model.name} at expansion.factor {factor} (stem {stem})"
             rule = (f"{where} needs {need}, and data set {spec.data.dataset!r} gives {shape[1]}x{shape[2]}: "
                     "set data.image_size" + ("" if spec.model.cifar_stem else ", or model.cifar_stem: true"))
