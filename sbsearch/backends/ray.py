@@ -39,6 +39,7 @@ from typing import Any
 
 import optuna
 import ray
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher
@@ -158,9 +159,7 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
     if done is not None:
         # It finished after Ray last saved its state, before the driver died: Ray restarts it, but
         # its record stands. Report that record instead of training it again.
-        record = _record_from(done)
-        tune.report({**{k: v for k, v in record.final.items() if math.isfinite(v)}, "epoch": record.epochs_run,
-                     _STATE: record.state})
+        _report_outcome(_record_from(done), {})
         return
     _delete_runs_of(ctx, number)
     last: dict[str, float] = {}
@@ -179,7 +178,12 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
 
     record = run_trial(ctx, number, trial_config, should_prune)
     ray.get(handle.finish.remote(asdict(record), record.final.get(metric)))
-    # The last result states the outcome, so Ray's records agree with Optuna's, MLflow's and trials.csv.
+    _report_outcome(record, last)
+
+
+def _report_outcome(record: TrialRecord, last: Mapping[str, float]) -> None:
+    """The trial's last result states its outcome, so Ray's records agree with Optuna's, MLflow's and
+    trials.csv; ``last`` (the last epoch's metrics) stands in for a record without final metrics."""
     metrics = {} if record.state == "FAIL" else ({k: v for k, v in record.final.items() if math.isfinite(v)} or last)
     tune.report({**metrics, "epoch": record.epochs_run, _STATE: record.state})
 
@@ -247,9 +251,9 @@ class _SweepSearch(OptunaSearch):
         value, epoch = result.get(self.metric), result.get("epoch")
         if ot_trial is None or not isinstance(value, (int, float)) or not math.isfinite(value) or epoch is None:
             return
-        if self._finished_in_study(ot_trial):
-            return
-        with warnings.catch_warnings():  # the final report repeats the last epoch: Optuna ignores it
+        with warnings.catch_warnings(), contextlib.suppress(UpdateFinishedTrialError):
+            # The final report repeats the last epoch: Optuna ignores it. A trial that finished before
+            # the driver died reports its record again, and its Optuna trial takes no more values.
             warnings.simplefilter("ignore")
             ot_trial.report(float(value), int(epoch))
 
@@ -479,10 +483,11 @@ def _on_this_node() -> Any:
 def _unfinished(study: optuna.Study, spec: Spec, deadline: float | None) -> bool:
     """Tune returns normally when Ctrl-C stopped it (after saving its state): the sweep was interrupted
     when trials are still running and the budget is not met."""
-    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(optuna_backend._INTERRUPTED)]
+    trials = optuna_backend._counted(study.get_trials(deepcopy=False))
     running = any(t.state == TrialState.RUNNING for t in trials)
+    finished = sum(t.state.is_finished() for t in trials)
     budget: int = optuna_backend.trial_budget(spec)  # type: ignore[attr-defined]
-    return running and _finished(study) < budget and (deadline is None or time.time() < deadline)
+    return running and finished < budget and (deadline is None or time.time() < deadline)
 
 
 def _finished(study: optuna.Study) -> int:
