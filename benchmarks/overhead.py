@@ -69,7 +69,7 @@ def main() -> None:
     settings["expansion"]["factor"] = args.factor
     split = prepare(load_dataset("digits", 0.25, 0), settings["expansion"])
     desc = apply_model_edits(ModelDesc("small_cnn", (1, 8, 8), 10), settings)
-    plan = TrainPlan(epochs=args.epochs, batch_size=args.batch_size, lr=3e-3, seed=0)
+    plan = TrainPlan(epochs=args.epochs, batch_size=args.batch_size, lr=3e-3, seed=0, test=False)  # as the plain loop
     n = split.x_train.shape[0] * args.epochs
 
     plain_s, ours_s = [], []

@@ -7,9 +7,12 @@ first layer widened to the expanded model's parameter count).
 
 1-D function fitting (MLP, L-BFGS, domain [0, 2pi], zero first-layer bias: the favourable case of the
 vector study): final validation MSE for K in {1, 2, 3, 5} (5 is ``[c, c, x, c, c]``) x fill in
-{0, 0.5, 1, pi}, border layout, with and without batch normalisation, against the same controls; then
-the ``[pi, pi, x, pi, pi]`` question on all four test functions: K = 5, fill pi against K = 1 on the
-domains [0, 2pi] and [-1, 1], with zero and with PyTorch's default first-layer bias.
+{0, 0.5, 1, pi}, border layout, with and without batch normalisation, against the same controls and,
+beside every expanded row with a nonzero fill, the bias-scale control (``controls.bias_scale: auto``: no
+expansion, the first layer's bias computed as s * b with s = sqrt(1 + sum c^2), the step that row's
+constants give the effective bias under L-BFGS); then the ``[pi, pi, x, pi, pi]`` question on all four
+test functions: K = 5, fill pi against K = 1 on the domains [0, 2pi] and [-1, 1], with zero and with
+PyTorch's default first-layer bias, each with its bias-scale control.
 
 Every configuration runs ``--seeds`` times (the spec seed: data split, initialisation and batch order).
 Tables give the mean, a 95% t-interval, and the paired difference to the unexpanded model of the same
@@ -46,6 +49,7 @@ from sbsearch.trainer import train
 from sbsearch.trial import build_trial, train_plan
 
 HAS_WIDTH_MATCHED = "controls" in STRATEGIES and "width_matched" in STRATEGIES["controls"].knob_by_name
+HAS_BIAS_SCALE = "controls" in STRATEGIES and "bias_scale" in STRATEGIES["controls"].knob_by_name
 FUNCTIONS = ("fn_smooth", "fn_highfreq", "fn_step", "fn_abs")
 MAIN_FUNCTION = "fn_abs"  # non-differentiable, and converged by ~20 L-BFGS steps: the table compares fits, not speed
 TWO_PI = 2 * math.pi
@@ -78,10 +82,12 @@ def _digits_raw(epochs: int, factor: int, fill: float, stem: str, norm: str, lay
 
 def _function_raw(epochs: int, dataset: str, factor: int, fill: float, norm: str, layout: str = "border",
                   domain: tuple[float, float] = (0.0, TWO_PI), first_bias: str = "zero",
-                  width_matched: bool = False) -> dict[str, Any]:
+                  width_matched: bool = False, bias_scale: bool = False) -> dict[str, Any]:
     space: dict[str, Any] = {"expansion": {"factor": factor, "fill": fill, "layout": layout}, "norm": {"kind": norm}}
     if width_matched:
         space["controls"] = {"width_matched": True}
+    if bias_scale:  # auto: the input stays unexpanded, its constants only set the bias's step
+        space["controls"] = {"bias_scale": "auto"}
     return {"name": "reproduce-function",
             "data": {"dataset": dataset, "domain": list(domain), "sampling": "grid", "points": 200},
             "model": {"name": "mlp", "width": 32, "depth": 2, "first_bias": first_bias},
@@ -125,6 +131,9 @@ def function_configs(epochs: int) -> list[Config]:
         for k in (2, 3, 5):
             for fill, name in ((0.0, "0"), (0.5, "0.5"), (1.0, "1"), (math.pi, "pi")):
                 add({"K": str(k), "input": "border", "fill": name}, _function_raw(epochs, MAIN_FUNCTION, k, fill, norm))
+                if HAS_BIAS_SCALE and fill != 0.0:  # fill 0 gives s = 1: the baseline itself
+                    add({"K": str(k), "input": "bias-scale (control)", "fill": name},
+                        _function_raw(epochs, MAIN_FUNCTION, k, fill, norm, bias_scale=True))
             add({"K": str(k), "input": "upsample (control)", "fill": "-"},
                 _function_raw(epochs, MAIN_FUNCTION, k, 0.0, norm, layout="upsample"))
             if HAS_WIDTH_MATCHED:
@@ -145,6 +154,10 @@ def pi_question_configs(epochs: int) -> list[Config]:
                 out.append(Config("pi_question", {**label, "input": "[pi, pi, x, pi, pi]"}, group, False,
                                   _function_raw(epochs, dataset, 5, math.pi, "none", domain=domain, first_bias=bias),
                                   0.5))
+                if HAS_BIAS_SCALE:
+                    out.append(Config("pi_question", {**label, "input": "x, bias-scale (control)"}, group, False,
+                                      _function_raw(epochs, dataset, 5, math.pi, "none", domain=domain,
+                                                    first_bias=bias, bias_scale=True), 0.5))
     return out
 
 
@@ -294,11 +307,12 @@ def pi_verdict(rows: list[Row]) -> list[str]:
         if r.config.is_baseline:
             continue
         label = r.config.label
+        what = "" if label["input"] == "[pi, pi, x, pi, pi]" else f" ({label['input']})"
         if not math.isfinite(r.diff_lo):
-            lines.append(f"- {label['function']}, domain {label['domain']}, {label['first bias']} bias: too few runs")
+            lines.append(f"- {label['function']}, domain {label['domain']}, {label['first bias']} bias{what}: too few runs")
             continue
         word = "better" if r.diff_hi < 0 else "worse" if r.diff_lo > 0 else "no clear difference"
-        lines.append(f"- {label['function']}, domain {label['domain']}, {label['first bias']} bias: "
+        lines.append(f"- {label['function']}, domain {label['domain']}, {label['first bias']} bias{what}: "
                      f"x{10 ** r.diff_mean:.2g} ({10 ** r.diff_lo:.2g} to {10 ** r.diff_hi:.2g}): {word}")
     return lines
 
@@ -371,11 +385,16 @@ K >= 2, so K = 2 and K = 3 give the same network on the same numbers, and the sa
 
 Domain [0, 2pi], 200 grid training points, validation MSE on 1000 points, first-layer bias initialised to zero.
 `border`: K-1 constants around x (K = 5: `[c, c, x, c, c]`). Difference: ratio of geometric-mean MSE to K = 1
-(below 1 = better).
+(below 1 = better). `bias-scale (control)`: x alone, the first layer's bias computed as s * b with
+s = sqrt(1 + sum c^2) over the constants of the row above it, so that L-BFGS steps the effective bias as the
+expanded model steps its effective bias (it starts where the plain model's does: zero here). When the
+control recovers the row's gain, the gain is the larger bias step, not the constants as inputs.
 
 {markdown_table(fn_rows, "val MSE", "vs K=1 (MSE ratio)")}
 
 ## The `[pi, pi, x, pi, pi]` question, all four functions (no normalisation)
+
+`x, bias-scale (control)`: x alone with s = sqrt(1 + 4 pi^2) on the first layer's bias.
 
 {markdown_table(pi_rows, "val MSE", "vs x (MSE ratio)")}
 
@@ -387,7 +406,7 @@ Digits:
 Function fitting ({MAIN_FUNCTION}):
 {chr(10).join(verdict(fn_rows, "lower in MSE", log=True))}
 
-`[pi, pi, x, pi, pi]` against x (MSE ratio, 95% CI):
+`[pi, pi, x, pi, pi]` and its bias-scale control against x (MSE ratio, 95% CI):
 {chr(10).join(pi_verdict(pi_rows))}
 
 The best of many configurations is selected after the fact; treat its difference as optimistic.

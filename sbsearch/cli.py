@@ -55,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sbsearch.sweep import default_out_dir, print_summary, run_sweep
 
     spec = _load(args)
+    _print_notes(spec)
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide lines rather than wrapped ones
         console = Console(width=160)
@@ -89,10 +90,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_notes(spec: Any) -> None:
+    from sbsearch.spec import spec_notes
+
+    for note in spec_notes(spec):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from sbsearch.spec import spec_to_dict
 
     spec = _load(args)
+    _print_notes(spec)
     print(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), end="")
     size = spec.space_size()
     searched = ", ".join(p.name for p in spec.searched) or "nothing"
@@ -112,7 +121,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         table.add_column(col, overflow="fold", no_wrap=col == "knob")
     for name, strategy in STRATEGIES.items():
         for knob in strategy.knobs:
-            table.add_row(f"{name}.{knob.name}", knob.kind, repr(knob.default), knob.rule().removeprefix("must be "), knob.doc)
+            table.add_row(f"{name}.{knob.name}", knob.kind, knob.default_words(), knob.rule().removeprefix("must be "), knob.doc)
     console = Console()
     Console(width=max(console.width, 160) if not console.is_terminal else None).print(table)
     return EXIT_OK

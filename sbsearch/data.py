@@ -1,8 +1,14 @@
 """Data sets and the input side of the strategies: load, split by seed, expand, normalise.
 
 Every loader returns raw inputs (images in [0, 1], vectors in their own units, function inputs on the
-spec's domain) with a fixed train/validation split; ``prepare`` then applies the trial's expansion
+spec's domain) with a fixed train/validation/test split; ``prepare`` then applies the trial's expansion
 and the normalisation, in the order the spec asks for.
+
+The test split is held out of the search: the trainer measures it once, at the end of a trial that
+ran every epoch, and only the configurations chosen on validation are ever shown with it. Built-in
+and scikit-learn sets carve it out by ``test_fraction`` (stratified, fixed by the seed, disjoint from
+train and validation); torchvision sets use their official test split; function sets use a dense grid
+of their own, offset from the validation grid.
 
 Registered data sets (``DATASETS``):
 
@@ -33,17 +39,23 @@ import torch.nn.functional as F
 
 from sbsearch.strategies import Settings, expand
 
-__all__ = ["DATASETS", "FUNCTIONS", "DataOptions", "DatasetInfo", "Split", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "FUNCTIONS", "DataOptions", "DatasetInfo", "Split", "input_pipeline", "load_dataset", "prepare"]
 
 Task = Literal["classification", "regression"]
 
 
 @dataclass(frozen=True)
 class Split:
-    """A train/validation split, ready for a model.
+    """A train/validation/test split, ready for a model.
 
     Images are (N, C, H, W) float32, vectors (N, F); targets are class indices (int64) or (N, 1) values.
     ``mean``/``std`` are per-channel (or per-feature) statistics of the raw training inputs.
+
+    ``x_test``/``y_test`` are ``None`` when the data has no test split (``test_fraction: 0``).
+    ``train_pipeline``, when set, is the input pipeline still owed to the training inputs: ``x_train``
+    then holds the inputs before it (normalised or raw, unexpanded), so that the trainer can apply the
+    symmetry transforms of the data first and the pipeline (expansion, normalisation) after them.
+    Validation and test inputs are always fully prepared.
     """
 
     name: str
@@ -55,6 +67,9 @@ class Split:
     num_outputs: int
     mean: torch.Tensor
     std: torch.Tensor
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+    train_pipeline: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def input_kind(self) -> str:
@@ -87,6 +102,7 @@ class DataOptions:
     points: int = 100
     fake_samples: int = 512
     fake_classes: int = 10
+    test_fraction: float = 0.2  # share of the data held out as the test split (sets without an official one)
 
 
 Loader = Callable[[float, int, DataOptions], Split]
@@ -109,6 +125,7 @@ class DatasetInfo:
     missing: Availability | None = None
     image_side: int | None = None  # the side of its square images when ``image_size`` is unset
     channels: int = 3
+    own_test_split: bool = False  # an official test split (or a grid of its own), not ``test_fraction`` of the data
 
     def image_shape(self, options: DataOptions) -> tuple[int, int, int] | None:
         """(channels, height, width) of one input image, known without loading (``None`` for vectors)."""
@@ -128,23 +145,45 @@ class DatasetInfo:
 # --- classification sets ---------------------------------------------------------------------
 
 
-def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(y: np.ndarray, val_fraction: float, seed: int,
+                      test_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test indices: per class, a seeded permutation gives the first
+    ``test_fraction`` of the class to test, the next ``val_fraction`` to validation, the rest to train.
+
+    Both fractions are shares of the whole class, so with ``test_fraction`` 0 the validation part is
+    exactly what it was before there was a test split.
+    """
     rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
+    train_idx, val_idx, test_idx = [], [], []
     for label in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == label))
+        n_test = round(len(idx) * test_fraction)
         n_val = round(len(idx) * val_fraction)
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+        test_idx.append(idx[:n_test])
+        val_idx.append(idx[n_test : n_test + n_val])
+        train_idx.append(idx[n_test + n_val :])
+    return tuple(np.sort(np.concatenate(part)) for part in (train_idx, val_idx, test_idx))  # type: ignore[return-value]
 
 
-def _classification_split(name: str, x: torch.Tensor, y: np.ndarray, num_classes: int,
-                          val_fraction: float, seed: int) -> Split:
-    """Split (N, C, H, W) images or (N, F) vectors by class, with statistics of the training part."""
-    train, val = _stratified_split(y, val_fraction, seed)
+def _classification_split(name: str, x: torch.Tensor, y: np.ndarray, num_classes: int, val_fraction: float,
+                          seed: int, test_fraction: float = 0.0,
+                          official_test: tuple[torch.Tensor, np.ndarray] | None = None) -> Split:
+    """Split (N, C, H, W) images or (N, F) vectors by class, with statistics of the training part.
+
+    ``official_test`` (inputs, labels) is a data set's own test split; otherwise ``test_fraction``
+    of every class is held out as the test split.
+    """
+    train, val, test = _stratified_split(y, val_fraction, seed, 0.0 if official_test is not None else test_fraction)
     x_train = x[train]
     dims = (0, 2, 3) if x.dim() == 4 else (0,)
+    x_test: torch.Tensor | None
+    y_test: torch.Tensor | None
+    if official_test is not None:
+        x_test, y_test = official_test[0], torch.as_tensor(official_test[1], dtype=torch.int64)
+    elif len(test):
+        x_test, y_test = x[test], torch.as_tensor(y[test], dtype=torch.int64)
+    else:
+        x_test = y_test = None
     return Split(
         name=name,
         x_train=x_train,
@@ -155,6 +194,8 @@ def _classification_split(name: str, x: torch.Tensor, y: np.ndarray, num_classes
         num_outputs=num_classes,
         mean=x_train.mean(dim=dims),
         std=x_train.std(dim=dims),
+        x_test=x_test,
+        y_test=y_test,
     )
 
 
@@ -170,7 +211,7 @@ def _load_digits(val_fraction: float, seed: int, options: DataOptions = DataOpti
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
     return _classification_split("digits", _resize(x, options.image_size), np.asarray(bunch.target), 10,
-                                 val_fraction, seed)
+                                 val_fraction, seed, options.test_fraction)
 
 
 def _tabular(name: str) -> Loader:
@@ -180,7 +221,7 @@ def _tabular(name: str) -> Loader:
         bunch = getattr(sklearn.datasets, f"load_{name}")()
         x = torch.tensor(bunch.data, dtype=torch.float32)  # (N, F), raw units; prepare standardises
         y = np.asarray(bunch.target)
-        return _classification_split(name, x, y, int(y.max()) + 1, val_fraction, seed)
+        return _classification_split(name, x, y, int(y.max()) + 1, val_fraction, seed, options.test_fraction)
 
     return load
 
@@ -219,7 +260,8 @@ offset of the input the network sees, which is what decides whether constant inp
 """
 
 VALIDATION_POINTS = 1000
-"""Function sets validate on this many evenly spaced points across the whole domain."""
+"""Function sets validate on this many evenly spaced points across the whole domain, and test on as many
+points halfway between them (a grid of its own: no test point is a validation or grid training point)."""
 
 
 def _function(name: str) -> Loader:
@@ -236,6 +278,7 @@ def _function(name: str) -> Loader:
             rng = np.random.default_rng(seed)
             t_train = torch.as_tensor(np.sort(rng.uniform(0, 1, options.points)))
         t_val = torch.linspace(0, 1, VALIDATION_POINTS, dtype=torch.float64)
+        t_test = (t_val[:-1] + t_val[1:]) / 2
 
         def inputs(t: torch.Tensor) -> torch.Tensor:
             return (low + (high - low) * t).to(torch.float32).unsqueeze(1)  # (N, 1)
@@ -251,6 +294,8 @@ def _function(name: str) -> Loader:
             # The domain is the point of these tasks: standardising the input would erase it.
             mean=torch.zeros(1),
             std=torch.ones(1),
+            x_test=inputs(t_test) if options.test_fraction > 0 else None,
+            y_test=f(t_test).to(torch.float32).unsqueeze(1) if options.test_fraction > 0 else None,
         )
 
     return load
@@ -310,11 +355,17 @@ def _load_cifar(name: str) -> Loader:
 
         assert options.root is not None, "checked by the spec"
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        # Only the official training set is used: validation is held out of it, the test set is never seen.
+        # Validation is held out of the official training set; the official test set is the test split.
         ds = cls(options.root, train=True, download=options.download)
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0  # (50000, 3, 32, 32)
         y = np.asarray(ds.targets)
-        return _classification_split(name, _resize(x, options.image_size), y, len(ds.classes), val_fraction, seed)
+        test = None
+        if options.test_fraction > 0:
+            official = cls(options.root, train=False, download=options.download)
+            x_test = torch.from_numpy(official.data).permute(0, 3, 1, 2).float() / 255.0  # (10000, 3, 32, 32)
+            test = (_resize(x_test, options.image_size), np.asarray(official.targets))
+        return _classification_split(name, _resize(x, options.image_size), y, len(ds.classes), val_fraction, seed,
+                                     official_test=test)
 
     return load
 
@@ -323,9 +374,13 @@ def _load_fgvc_aircraft(val_fraction: float, seed: int, options: DataOptions = D
     from torchvision import datasets
 
     assert options.root is not None, "checked by the spec"
+    size = options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
     ds = datasets.FGVCAircraft(options.root, split="trainval", download=options.download)
-    x, y = _images_to_tensor(ds, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE)
-    return _classification_split("fgvc_aircraft", x, y, len(ds.classes), val_fraction, seed)
+    x, y = _images_to_tensor(ds, size)
+    test = None
+    if options.test_fraction > 0:
+        test = _images_to_tensor(datasets.FGVCAircraft(options.root, split="test", download=options.download), size)
+    return _classification_split("fgvc_aircraft", x, y, len(ds.classes), val_fraction, seed, official_test=test)
 
 
 def _load_dtd(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
@@ -336,7 +391,10 @@ def _load_dtd(val_fraction: float, seed: int, options: DataOptions = DataOptions
     size = options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
     decoded = [_images_to_tensor(p, size) for p in parts]
     x, y = torch.cat([d[0] for d in decoded]), np.concatenate([d[1] for d in decoded])
-    return _classification_split("dtd", x, y, len(parts[0].classes), val_fraction, seed)
+    test = None
+    if options.test_fraction > 0:
+        test = _images_to_tensor(datasets.DTD(options.root, split="test", partition=1, download=options.download), size)
+    return _classification_split("dtd", x, y, len(parts[0].classes), val_fraction, seed, official_test=test)
 
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -362,7 +420,7 @@ def _load_imagefolder(val_fraction: float, seed: int, options: DataOptions = Dat
     assert options.root is not None, "checked by the spec"
     ds = datasets.ImageFolder(options.root)
     x, y = _images_to_tensor(ds, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE)
-    return _classification_split("imagefolder", x, y, len(ds.classes), val_fraction, seed)
+    return _classification_split("imagefolder", x, y, len(ds.classes), val_fraction, seed, options.test_fraction)
 
 
 def _load_fakedata(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
@@ -374,7 +432,7 @@ def _load_fakedata(val_fraction: float, seed: int, options: DataOptions = DataOp
                            transform=transforms.ToTensor(), random_offset=seed * options.fake_samples)
     x = torch.stack([ds[i][0] for i in range(len(ds))])  # (N, 3, size, size) in [0, 1]
     y = np.array([ds[i][1] for i in range(len(ds))])
-    return _classification_split("fakedata", x, y, options.fake_classes, val_fraction, seed)
+    return _classification_split("fakedata", x, y, options.fake_classes, val_fraction, seed, options.test_fraction)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -384,16 +442,17 @@ DATASETS: dict[str, DatasetInfo] = {
     "wine": DatasetInfo(_tabular("wine"), "classification", "vector", "scikit-learn wine: 13 features, 3 classes"),
     "breast_cancer": DatasetInfo(_tabular("breast_cancer"), "classification", "vector",
                                  "scikit-learn breast cancer: 30 features, 2 classes"),
-    **{name: DatasetInfo(_function(name), "regression", "vector", doc) for name, (_, doc) in FUNCTIONS.items()},
+    **{name: DatasetInfo(_function(name), "regression", "vector", doc, own_test_split=True)
+       for name, (_, doc) in FUNCTIONS.items()},
     "cifar10": DatasetInfo(_load_cifar("cifar10"), "classification", "image", "CIFAR-10 from data.root",
-                           needs_root=True, missing=_torchvision_missing("cifar10"), image_side=32),
+                           needs_root=True, missing=_torchvision_missing("cifar10"), image_side=32, own_test_split=True),
     "cifar100": DatasetInfo(_load_cifar("cifar100"), "classification", "image", "CIFAR-100 from data.root",
-                            needs_root=True, missing=_torchvision_missing("cifar100"), image_side=32),
+                            needs_root=True, missing=_torchvision_missing("cifar100"), image_side=32, own_test_split=True),
     "fgvc_aircraft": DatasetInfo(_load_fgvc_aircraft, "classification", "image",
                                  "FGVC-Aircraft (100 variants) from data.root", needs_root=True,
-                                 missing=_torchvision_missing("fgvc_aircraft")),
+                                 missing=_torchvision_missing("fgvc_aircraft"), own_test_split=True),
     "dtd": DatasetInfo(_load_dtd, "classification", "image", "Describable Textures (47 classes) from data.root",
-                       needs_root=True, missing=_torchvision_missing("dtd")),
+                       needs_root=True, missing=_torchvision_missing("dtd"), own_test_split=True),
     "imagefolder": DatasetInfo(_load_imagefolder, "classification", "image",
                                "one sub-folder of images per class under data.root", needs_root=True,
                                missing=_imagefolder_missing),
@@ -419,22 +478,44 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean.view(shape)) / std.clamp_min(1e-6).view(shape)
 
 
-def prepare(split: Split, expansion: Settings, normalize: bool = True) -> Split:
-    """Expand and normalise a split as one trial asks.
+def input_pipeline(split: Split, expansion: Settings, normalize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trial's input pipeline for raw inputs of ``split``: expansion and normalisation, in the order
+    the spec asks for.
 
     With ``fill_space: raw`` the constant is placed in raw input units and normalised with the
     original pixels' statistics (what a data pipeline that expands before ``Normalize`` does);
-    with ``normalized`` the constant is placed as-is into already normalised inputs.
+    with ``normalized`` the constant is placed as-is into already normalised inputs. Vector features
+    have per-feature statistics that the added constants do not share, so vectors are normalised first
+    (the spec refuses ``fill_space: raw`` for normalised vector data).
     """
-    # Vector features have per-feature statistics that the added constants do not share, so vectors
-    # are always normalised first and the constant is placed as given.
     raw_first = expansion["fill_space"] == "raw" and split.input_kind == "image"
 
-    def one(x: torch.Tensor) -> torch.Tensor:
+    def pipeline(x: torch.Tensor) -> torch.Tensor:
         if raw_first:
             x = expand(x, expansion)
             return _normalise(x, split.mean, split.std) if normalize else x
         x = _normalise(x, split.mean, split.std) if normalize else x
         return expand(x, expansion)
 
-    return replace(split, x_train=one(split.x_train).contiguous(), x_val=one(split.x_val).contiguous())
+    return pipeline
+
+
+def prepare(split: Split, expansion: Settings, normalize: bool = True, defer_train: bool = False) -> Split:
+    """Expand and normalise a split as one trial asks (see ``input_pipeline``).
+
+    Args:
+        split: raw inputs, as a loader returns them.
+        expansion: the expansion's settings.
+        normalize: standardise with the training inputs' statistics.
+        defer_train: leave the training inputs raw and hand the pipeline to the trainer
+            (``Split.train_pipeline``), which applies it to each batch after the symmetry transforms
+            of the data (augmentation, the invariance penalty's group action): a rotation then turns
+            the image, never the expanded canvas and its constants. Validation and test inputs are
+            prepared here either way.
+    """
+    pipeline = input_pipeline(split, expansion, normalize)
+    test = None if split.x_test is None else pipeline(split.x_test).contiguous()
+    if defer_train:
+        return replace(split, x_val=pipeline(split.x_val).contiguous(), x_test=test, train_pipeline=pipeline)
+    return replace(split, x_train=pipeline(split.x_train).contiguous(), x_val=pipeline(split.x_val).contiguous(),
+                   x_test=test)

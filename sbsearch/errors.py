@@ -24,7 +24,9 @@ class Problem:
         self.hint = hint
 
     def __str__(self) -> str:
-        text = f"{self.path or '<spec>'}: {self.rule}, but got {self.value!r}"
+        # A key is the user's text: control characters in it are shown escaped, so one problem stays one line.
+        path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.path)
+        text = f"{path or '<spec>'}: {self.rule}, but got {self.value!r}"
         return f"{text} ({self.hint})" if self.hint else text
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sbsearch.group_conv import GroupBatchNorm, GroupConv2d, GroupPool, LiftingConv2d
-from sbsearch.strategies import ModelDesc, apply_model_edits, input_expansion, replaces_expansion
+from sbsearch.strategies import ModelDesc, apply_model_edits, auto_bias_scale, input_expansion, replaces_expansion
 
 __all__ = [
     "INPUT_KINDS",
@@ -28,6 +28,7 @@ __all__ = [
     "TORCHVISION_MODELS",
     "build_model",
     "constant_bias_energy",
+    "constant_bias_mass",
     "count_parameters",
     "describe_model",
     "first_layer",
@@ -103,6 +104,70 @@ def _group_dropout_layer(desc: ModelDesc) -> nn.Module:
     return nn.Dropout3d(desc.dropout_rate) if desc.dropout_kind == "channel" else nn.Dropout(desc.dropout_rate)
 
 
+class _ScaledBias(nn.Module):
+    """Mixin for a first layer whose bias enters its output as ``bias_scale * bias`` (``controls.bias_scale``).
+
+    The layer's own forward adds ``bias`` once; adding ``(bias_scale - 1) * bias`` on the channel axis
+    makes that ``bias_scale * bias`` for a dense, conv or lifting-conv layer alike, without a copy of
+    their forward passes. ``bias_scale`` is a plain float, not a tensor: the replica stack's
+    ``functional_call`` swaps every parameter and buffer per replica, and a float stays the same for all.
+    """
+
+    bias_scale: float
+
+    def __init__(self, *args: Any, bias_scale: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bias_scale = bias_scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as nn.Linear.forward names it
+        out: torch.Tensor = super().forward(input)  # (B, C, ...)
+        bias = getattr(self, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return out
+        return out + (self.bias_scale - 1.0) * bias.view(1, -1, *(1,) * (out.dim() - 2))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bias_scale={self.bias_scale:.6g}"
+
+
+class _ScaledBiasLinear(_ScaledBias, nn.Linear):
+    pass
+
+
+class _ScaledBiasConv2d(_ScaledBias, nn.Conv2d):
+    pass
+
+
+class _ScaledBiasLiftingConv2d(_ScaledBias, LiftingConv2d):
+    pass
+
+
+_SCALED_BIAS: dict[type[nn.Module], type[_ScaledBias]] = {
+    nn.Linear: _ScaledBiasLinear, nn.Conv2d: _ScaledBiasConv2d, LiftingConv2d: _ScaledBiasLiftingConv2d,
+}
+
+
+def _scaled_if_first(layer_type: type[nn.Module], desc: ModelDesc, block: int) -> Callable[..., nn.Module]:
+    """``layer_type``, or in the first block under ``controls.bias_scale`` its scaled-bias version."""
+    if block != 0 or desc.bias_scale == 1.0:
+        return layer_type
+    assert isinstance(desc.bias_scale, float), f"bias_scale must be resolved before building, got {desc.bias_scale!r}"
+    return functools.partial(_SCALED_BIAS[layer_type], bias_scale=desc.bias_scale)
+
+
+def symmetric_strided_stem(stride: int) -> tuple[int, int]:
+    """(kernel, padding) of a strided group-conv stem whose sampling grid is symmetric under rot90 and flips.
+
+    A convolution commutes with them only when ``(size + 2 * padding - kernel) % stride == 0``
+    (``group_conv.grid_is_symmetric``). On the expanded input (size N*K, stride K) a 3x3 kernel with
+    padding 1 breaks that for every even K. The smallest kernel >= 3 with the stride's parity and
+    padding ``(kernel - stride) / 2`` satisfy it for every N and give N x N feature maps, as the plain
+    strided stem does: K = 2 gets a 4x4 kernel with padding 1, K = 3 a 3x3 one with padding 0.
+    """
+    kernel = {1: 3, 2: 4}.get(stride, stride)
+    return kernel, (kernel - stride) // 2
+
+
 def _equivariant_blocks(desc: ModelDesc) -> int:
     """How many of the first conv blocks are group convolutions."""
     return {"none": 0, "stem": 1, "early": math.ceil(desc.depth / 2), "all": desc.depth}[desc.equivariant_layers]
@@ -120,18 +185,23 @@ def _small_cnn(desc: ModelDesc) -> nn.Module:
         out = desc.first_width if i == 0 and desc.first_width else desc.width * 2 ** min(i, 2)
         kernel = desc.stem_kernel if i == 0 else desc.kernel_size
         stride = desc.stem_stride if i == 0 else 1
+        padding = kernel // 2
+        if i < group_blocks and stride > 1:
+            kernel, padding = symmetric_strided_stem(stride)  # exact equivariance needs a symmetric grid
         conv_args = (channels, out, kernel)
-        conv_kwargs: dict[str, Any] = {"stride": stride, "padding": kernel // 2, "bias": desc.norm == "none"}
+        conv_kwargs: dict[str, Any] = {"stride": stride, "padding": padding, "bias": desc.norm == "none"}
         if i < group_blocks:
             # (B, C, H, W) -> (B, out, |G|, H', W') for the lifting layer, group maps after it.
-            conv: nn.Module = (LiftingConv2d if i == 0 else GroupConv2d)(*conv_args, group, **conv_kwargs)
+            conv: nn.Module = _scaled_if_first(LiftingConv2d if i == 0 else GroupConv2d, desc, i)(
+                *conv_args, group, **conv_kwargs)
             layers += [conv, _group_norm_layer(desc.norm, out, group), nn.ReLU()]
             if block_dropout:
                 layers.append(_group_dropout_layer(desc))
             if i == group_blocks - 1:
                 layers.append(GroupPool("max", group))  # (B, out, |G|, H', W') -> (B, out, H', W')
         else:
-            layers += [nn.Conv2d(*conv_args, **conv_kwargs), _norm_layer(desc.norm, out, image=True), nn.ReLU()]
+            layers += [_scaled_if_first(nn.Conv2d, desc, i)(*conv_args, **conv_kwargs),
+                       _norm_layer(desc.norm, out, image=True), nn.ReLU()]
             if block_dropout:
                 layers.append(_dropout_layer(desc, image=True))
         channels = out
@@ -155,7 +225,8 @@ def _mlp(desc: ModelDesc) -> nn.Module:
     block_dropout = desc.dropout_where == "all"
     for i in range(desc.depth):
         width = desc.first_width if i == 0 and desc.first_width else desc.width
-        layers += [nn.Linear(features, width), _norm_layer(desc.norm, width, image=False), nn.Tanh()]
+        layers += [_scaled_if_first(nn.Linear, desc, i)(features, width), _norm_layer(desc.norm, width, image=False),
+                   nn.Tanh()]
         if block_dropout:
             layers.append(_dropout_layer(desc, image=False))
         features = width
@@ -304,6 +375,11 @@ def build_model(desc: ModelDesc, seed: int) -> nn.Module:
             if isinstance(bias, nn.Parameter):  # torchvision stems have no bias: nothing to zero
                 with torch.no_grad():
                     bias.zero_()
+        layer = first_layer(model)
+        if isinstance(layer, _ScaledBias) and isinstance(layer.bias, nn.Parameter):
+            # The effective bias s * b starts at the plain model's value: the control changes the step only.
+            with torch.no_grad():
+                layer.bias.div_(layer.bias_scale)
         if desc.frozen_fraction > 0:
             _freeze_entries(model, desc.frozen_fraction)
         return model
@@ -390,13 +466,23 @@ def constant_bias_energy(desc: ModelDesc, constants: torch.Tensor) -> float:
         For a dense first layer the sum over every position; for a conv the sum inside its window
         (zero padding adds nothing), averaged over the window's output positions.
     """
+    return _sum_per_first_unit(desc, constants.double() ** 2)
+
+
+def constant_bias_mass(desc: ModelDesc, constants: torch.Tensor) -> float:
+    """``sum |c|`` over the constants one first-layer unit of ``desc`` sees: ``constant_bias_energy``'s
+    counterpart for optimisers that normalise each parameter's step (``controls.bias_scale: auto``)."""
+    return _sum_per_first_unit(desc, constants.double().abs())
+
+
+def _sum_per_first_unit(desc: ModelDesc, values: torch.Tensor) -> float:
+    """Sum of ``values`` (shaped like one input) over a first-layer unit's inputs, averaged over a conv's positions."""
     layer = first_layer(_shape_only(desc))
-    squares = constants.double() ** 2
     if isinstance(layer, nn.Linear):
-        return float(squares.sum())
+        return float(values.sum())
     kernel, stride, padding = (_first(getattr(layer, a)) for a in ("kernel_size", "stride", "padding"))
-    ones = torch.ones(1, squares.shape[0], kernel, kernel, dtype=squares.dtype)
-    return float(F.conv2d(squares.unsqueeze(0), ones, stride=stride, padding=padding).mean())
+    ones = torch.ones(1, values.shape[0], kernel, kernel, dtype=values.dtype)
+    return float(F.conv2d(values.unsqueeze(0), ones, stride=stride, padding=padding).mean())
 
 
 def _first(value: Any) -> int:
@@ -421,27 +507,35 @@ def match_first_width(desc: ModelDesc, target: int) -> ModelDesc:
 
 
 def describe_model(plain: ModelDesc, settings: Mapping[str, Mapping[str, object]],
-                   constants: torch.Tensor | None = None) -> ModelDesc:
+                   constants: torch.Tensor | None = None, optimizer: str | None = None) -> ModelDesc:
     """The model description of one trial: every strategy's edit, with the controls resolved.
 
-    When a control replaces the expansion (``controls.bias_lr_multiplier: auto`` or
-    ``controls.width_matched``), the model gets the unexpanded input, and the expanded model it stands
-    in for sets the bias multiplier (from ``constants``, see ``constant_bias_energy``) and the width.
+    When a control replaces the expansion (``controls.bias_lr_multiplier: auto``, ``controls.bias_scale:
+    auto`` or ``controls.width_matched``), the model gets the unexpanded input, and the expanded model it
+    stands in for sets the bias multiplier or scale (from ``constants``, see ``constant_bias_energy`` and
+    ``constant_bias_mass``) and the width.
 
     Args:
         plain: the spec's model for the unexpanded data, before any strategy.
         settings: every strategy's knob values, by strategy and knob name.
         constants: one expanded input sample with the constants at their positions and 0 elsewhere;
-            needed with ``bias_lr_multiplier: auto``.
+            needed with ``bias_lr_multiplier: auto`` or ``bias_scale: auto``.
+        optimizer: ``train.optimizer``, needed with ``bias_scale: auto`` (its rule depends on it).
     """
     all_settings = {name: dict(values) for name, values in settings.items()}
     expanded = apply_model_edits(plain, all_settings)
     if not replaces_expansion(all_settings["controls"]):
         return expanded
     desc = apply_model_edits(plain, {**all_settings, "expansion": input_expansion(all_settings)})
+    # The expanded model that the controls stand in for has none of them itself.
+    expanded = replace(expanded, bias_lr_multiplier=1.0, bias_scale=1.0)
     if desc.bias_lr_multiplier == "auto":
         assert constants is not None, "bias_lr_multiplier: auto needs the expansion's constants"
         desc = replace(desc, bias_lr_multiplier=1.0 + constant_bias_energy(expanded, constants))
+    if desc.bias_scale == "auto":
+        assert constants is not None and optimizer is not None, "bias_scale: auto needs the constants and the optimiser"
+        desc = replace(desc, bias_scale=auto_bias_scale(optimizer, constant_bias_energy(expanded, constants),
+                                                        constant_bias_mass(expanded, constants)))
     if all_settings["controls"]["width_matched"]:
         desc = match_first_width(desc, count_parameters(_shape_only(expanded)))
     return desc

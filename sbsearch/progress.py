@@ -95,13 +95,26 @@ def _best(views: Sequence[TrialView], direction: str) -> TrialView | None:
     return max(done, key=lambda v: sign * (v.value or 0.0))
 
 
-def top_table(rows: Sequence[dict[str, Any]], metric: str, columns: Sequence[str], limit: int = 5) -> Table:
-    """The best trials as a table: number, metric, epochs, seconds, searched values."""
-    table = Table(title=f"Top {min(limit, len(rows))} trials by {metric}", header_style="bold")
-    for col in ("trial", metric, "epochs", "seconds", *columns):
-        table.add_column(col, justify="right" if col in ("trial", metric, "epochs", "seconds") else "left")
+def top_table(rows: Sequence[dict[str, Any]], metric: str, columns: Sequence[str], limit: int = 5,
+              test_metric: str | None = None) -> Table:
+    """The best trials as a table: number, metric, epochs, seconds, searched values.
+
+    With ``test_metric`` (``test_accuracy``), a column shows each row's held-out value and its spread over
+    replicas (``row[test_metric]``, ``row[test_metric + "_std"]``; blank where a row has none).
+    """
+    title = f"Top {min(limit, len(rows))} trials by {metric}"
+    if test_metric is not None:
+        title = f"Top {min(limit, len(rows))} trials, chosen on validation ({metric}), measured on test"
+    table = Table(title=title, header_style="bold")
+    heads = ("trial", metric, *((test_metric,) if test_metric else ()), "epochs", "seconds")
+    for col in (*heads, *columns):
+        table.add_column(col, justify="right" if col in heads else "left")
     for row in rows[:limit]:
-        table.add_row(str(row["number"]), f"{row[metric]:.4f}", str(row["epochs_run"]), f"{row['seconds']:.1f}",
+        test = []
+        if test_metric is not None:
+            value, spread = row.get(test_metric), row.get(test_metric + "_std")
+            test = ["" if value is None else f"{value:.4f}" + ("" if spread is None else f" ± {spread:.4f}")]
+        table.add_row(str(row["number"]), f"{row[metric]:.4f}", *test, str(row["epochs_run"]), f"{row['seconds']:.1f}",
                       *[_cell(row.get(c)) for c in columns])
     return table
 

@@ -126,7 +126,7 @@ def rank_configs(spec: Spec, configs: int = 10, steps: int = 50, subset: float =
     check_rank_args(configs, steps, subset)
     metric_name = DATASETS[spec.data.dataset].objective[0]
     replicas = max(2, spec.train.replicas)  # the score compares replicas: it needs two at least
-    plan = replace(train_plan(spec), replicas=replicas, epochs=steps, max_steps=steps)
+    plan = replace(train_plan(spec), replicas=replicas, epochs=steps, max_steps=steps, test=False)
     rows = []
     for i, config in enumerate(sample_configs(spec, configs, spec.seed)):
         start = time.perf_counter()

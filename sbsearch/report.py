@@ -28,7 +28,7 @@ from scipy import stats
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError, SpecError
 from sbsearch.spec import ParamSpec, Spec, parse_spec
-from sbsearch.sweep import sweep_key, tracking_info
+from sbsearch.sweep import HELD_OUT_TOP, sweep_key, tracking_info
 from sbsearch.tracking import Tracker, TrackingTarget
 
 __all__ = [
@@ -120,6 +120,7 @@ class TrialData:
     run_id: str = ""
     curve: Mapping[int, float] = field(default_factory=dict)  # epoch -> objective metric
     score: Mapping[int, float] = field(default_factory=dict)  # epoch -> sb_score (from MLflow)
+    test: Mapping[str, float] = field(default_factory=dict)  # the held-out test split (shown for the chosen only)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,17 @@ class SweepData:
         return [t for t in self.trials if t.state == "COMPLETE" and math.isfinite(t.final.get(self.metric, math.nan))]
 
     def ranked(self) -> list[TrialData]:
-        return sorted(self.completed(), key=lambda t: -self.sign * t.final[self.metric])
+        """Completed trials by the validation metric, the best first (ties: the lower trial number), as
+        ``sweep.chosen_on_validation`` ranks them; the test split takes no part."""
+        return sorted(self.completed(), key=lambda t: (-self.sign * t.final[self.metric], t.number))
+
+    @property
+    def test_metric(self) -> str:
+        return "test_" + self.metric.removeprefix("val_")
+
+    def chosen(self) -> list[TrialData]:
+        """The configurations chosen on validation that the report shows with their test-split numbers."""
+        return self.ranked()[:HELD_OUT_TOP]
 
 
 def _fixed_values(spec: Spec) -> dict[str, Any]:
@@ -178,9 +189,12 @@ def _records_from_csv(path: Path, spec: Spec) -> list[dict[str, Any]]:
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             params = {k: _coerce(by_name[k], v) for k, v in row.items() if k in by_name and v != ""}
-            fixed = {"number", "state", "epochs_run", "seconds", "reason", "mlflow_run_id", *by_name}
-            final = {k: float(v) for k, v in row.items() if k not in fixed and v not in ("", None)}
+            fixed = {"number", "state", "epochs_run", "seconds", "reason", "mlflow_run_id", "heldout_rank", *by_name}
+            values = {k: float(v) for k, v in row.items() if k not in fixed and v not in ("", None)}
+            final = {k: v for k, v in values.items() if not k.startswith("test_")}
+            test = {k: v for k, v in values.items() if k.startswith("test_")}
             rows.append({"number": int(row["number"]), "state": row["state"], "params": params, "final": final,
+                         "test": test,
                          "epochs_run": int(row.get("epochs_run") or 0), "seconds": float(row.get("seconds") or 0),
                          "reason": row.get("reason", ""), "run_id": row.get("mlflow_run_id", "")})
     return rows
@@ -262,7 +276,8 @@ def load_sweep(out_dir: Path, tracking_uri: str | None = None, parent_run_id: st
         if row["state"] == "COMPLETE" and metric in final and row["epochs_run"] and row["epochs_run"] not in curve:
             curve[row["epochs_run"]] = final[metric]  # the last epoch, when the trial stopped reporting before it
         trials.append(TrialData(row["number"], row["state"], {**fixed, **row["params"]}, final, row["epochs_run"],
-                                row["seconds"], row["reason"] or "", row["run_id"] or "", curve, score))
+                                row["seconds"], row["reason"] or "", row["run_id"] or "", curve, score,
+                                dict(row.get("test") or {})))
     trials.sort(key=lambda t: t.number)
 
     importances, importance_note = None, ""
@@ -295,8 +310,19 @@ def _bias_multiplier(p: Mapping[str, Any]) -> str | float:
     return value if isinstance(value, str) else float(value)
 
 
+def _bias_scale(p: Mapping[str, Any]) -> str | float:
+    value = p.get("controls.bias_scale", 1.0)
+    return value if isinstance(value, str) else float(value)
+
+
 def _no_control(p: Mapping[str, Any]) -> bool:
-    return _bias_multiplier(p) == 1.0 and not p.get("controls.width_matched", False)
+    return _bias_multiplier(p) == 1.0 and _bias_scale(p) == 1.0 and not p.get("controls.width_matched", False)
+
+
+def _bias_control(value: str | float, p: Mapping[str, Any]) -> bool:
+    """A bias control standing in for the expansion: ``auto`` (which leaves the input unexpanded) for an
+    expanded configuration, or a number on the unexpanded input."""
+    return (value == "auto" and _factor(p) > 1) or (isinstance(value, float) and value != 1.0 and _factor(p) == 1)
 
 
 def _baseline(p: Mapping[str, Any]) -> bool:
@@ -334,10 +360,15 @@ CONTROLS: dict[str, Control] = {
     "bias_lr": Control(
         "bias learning-rate control without expansion (controls.bias_lr_multiplier)", "controls.bias_lr_multiplier",
         "the larger effective bias step that constant inputs give the first layer",
-        lambda p: not p.get("controls.width_matched", False) and (
-            (_bias_multiplier(p) == "auto" and _factor(p) > 1)
-            or (isinstance(_bias_multiplier(p), float) and _bias_multiplier(p) != 1.0 and _factor(p) == 1)),
+        lambda p: not p.get("controls.width_matched", False) and _bias_scale(p) == 1.0
+        and _bias_control(_bias_multiplier(p), p),
         "search space.controls.bias_lr_multiplier: [1.0, auto]"),
+    "bias_scale": Control(
+        "bias-scale control without expansion (controls.bias_scale)", "controls.bias_scale",
+        "the larger effective bias step that constant inputs give the first layer",
+        lambda p: not p.get("controls.width_matched", False) and _bias_multiplier(p) == 1.0
+        and _bias_control(_bias_scale(p), p),
+        "search space.controls.bias_scale: [1.0, auto]"),
 }
 
 
@@ -662,21 +693,39 @@ def _best_section(data: SweepData) -> str:
     best = ranked[0]
     searched = [p.name for p in data.searched]
     rows = [(k, best.params.get(k)) for k in searched]
-    body = (f"<p>Trial {best.number}: <b>{data.metric} = {best.final[data.metric]:.4f}</b> "
+    test = data.test_metric
+    held_out = (f" Measured on the held-out test split, which took no part in choosing it: <b>{test} = "
+                f"{_with_spread(best.test, test)}</b>." if test in best.test else
+                " This sweep has no test split (data.test_fraction: 0), so its best number carries the winner's "
+                "curse of being chosen on the data it is reported on.")
+    body = (f"<p>Trial {best.number}, chosen on validation: <b>{data.metric} = {best.final[data.metric]:.4f}</b> "
             f"({'higher' if data.sign > 0 else 'lower'} is better) after {best.epochs_run} epochs"
-            f"{f', MLflow run <code>{_e(best.run_id)}</code>' if best.run_id else ''}.</p>"
+            f"{f', MLflow run <code>{_e(best.run_id)}</code>' if best.run_id else ''}.{held_out}</p>"
             + _table(["searched knob", "value"], rows))
     fixed = [(p.name, p.values[0]) for p in data.spec.space if not p.searched]
     body += "<details><summary>fixed knobs</summary>" + _table(["knob", "value"], fixed) + "</details>"
     return _section("best", "Best configuration", body)
 
 
+def _with_spread(values: Mapping[str, float], key: str) -> str:
+    spread = values.get(key + "_std")
+    return f"{values[key]:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+
+
 def _top_section(data: SweepData) -> str:
     searched = [p.name for p in data.searched]
     extra = [k for k in (SCORE, f"{data.metric}_std") if any(k in t.final for t in data.completed())]
-    rows = [(t.number, t.final[data.metric], *[t.final.get(k, "") for k in extra], t.epochs_run, round(t.seconds, 1),
-             *[t.params.get(k) for k in searched]) for t in data.ranked()[:TOP_TRIALS]]
-    body = _table(["trial", data.metric, *extra, "epochs", "seconds", *searched], rows) if rows else "<p>No completed trials.</p>"
+    test = data.test_metric
+    chosen = {t.number for t in data.chosen()}
+    has_test = any(test in t.test for t in data.chosen())
+    rows = [(t.number, t.final[data.metric], *[t.final.get(k, "") for k in extra],
+             *([_with_spread(t.test, test) if t.number in chosen and test in t.test else ""] if has_test else []),
+             t.epochs_run, round(t.seconds, 1), *[t.params.get(k) for k in searched]) for t in data.ranked()[:TOP_TRIALS]]
+    header = ["trial", data.metric, *extra, *([f"{test} (held out)"] if has_test else []), "epochs", "seconds", *searched]
+    body = _table(header, rows) if rows else "<p>No completed trials.</p>"
+    if has_test:
+        body = (f"<p>Chosen on validation ({_e(data.metric)}), measured on test: the test split never took part in "
+                f"choosing; it is shown for the top {HELD_OUT_TOP} only, so that it cannot be used to choose.</p>" + body)
     return _section("top-trials", f"Top {min(TOP_TRIALS, len(rows))} trials", body)
 
 

@@ -29,15 +29,13 @@ __all__ = ["ScoreResult", "default_score_layers", "drift_score", "replica_score"
 
 _NUMPY_SORTABLE = (torch.float16, torch.float32, torch.float64)
 
-# Module types whose weight is scored by default; lazy and quantisation-aware variants subclass these.
-_SCORED_MODULE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
+# A normalisation layer's affine weight scales features one by one; it connects no units, even where it
+# is a tensor rather than a vector (LayerNorm over (C, H, W)). GroupBatchNorm subclasses _NormBase.
+_NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.RMSNorm,
 )
 
 
@@ -50,10 +48,14 @@ class ScoreResult:
 
 
 def default_score_layers(model: nn.Module) -> list[str]:
-    """Names of the weights of every Conv*/Linear module, as `model.named_parameters()` spells them.
+    """Names of every weight that connects units and that training moves, as `named_parameters()` spells them.
 
-    Biases and normalisation parameters are left out. A weight shared by several modules appears once,
-    under the name `named_parameters()` gives it.
+    A module's parameter is scored when it is named `weight`, has two or more axes (output units by
+    inputs, and any kernel or group axes), requires a gradient, and the module is not a normalisation
+    layer. That covers linear and conv weights of any dimension, transposed convs, and the base filters
+    of `LiftingConv2d` and `GroupConv2d` (which are not torch conv classes); biases, norm affines and
+    weights that do not train (`requires_grad=False`) are left out. A weight shared by several modules
+    appears once, under the name `named_parameters()` gives it.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 10))
@@ -61,9 +63,11 @@ def default_score_layers(model: nn.Module) -> list[str]:
         ['0.weight', '3.weight']
     """
     scored_ids = {
-        id(module.weight)
+        id(param)
         for module in model.modules()
-        if isinstance(module, _SCORED_MODULE_TYPES) and isinstance(module.weight, Tensor)
+        if not isinstance(module, _NORM_LAYERS)
+        for name, param in module.named_parameters(recurse=False)
+        if name == "weight" and param.dim() >= 2 and param.requires_grad
     }
     return [name for name, param in model.named_parameters() if id(param) in scored_ids]
 
@@ -75,7 +79,8 @@ def replica_score(weights: Sequence[Mapping[str, Tensor]], layers: Sequence[str]
         weights: `weights[i]` maps tensor names to replica i's tensors; every replica has the same
             names and shapes (e.g. `ReplicaStack.replica_weights()`).
         layers: the tensor names to score; None scores every tensor in `weights[0]`. Pass
-            `default_score_layers(model)` for the default of DESIGN.md (conv/linear weights only).
+            `default_score_layers(model)` for the default of DESIGN.md (every weight that connects
+            units: conv, linear and group-conv weights; no biases or norm parameters).
 
     Returns:
         The parameter-count-weighted mean over layers, and each layer's mean pairwise W1 / pooled_std.

@@ -24,7 +24,8 @@ from sbsearch.strategies import STRATEGIES, Knob, ModelDesc, apply_model_edits
 
 __all__ = [
     "Spec", "DataSpec", "ModelSpec", "TrainSpec", "SearchSpec", "TrackingSpec", "RaySpec", "ParamSpec",
-    "load_spec", "parse_spec", "spec_to_dict", "spec_reference", "with_overrides", "data_options", "resolve_pi",
+    "load_spec", "parse_spec", "spec_notes", "spec_to_dict", "spec_reference", "with_overrides", "data_options",
+    "resolve_pi",
 ]
 
 Rule = Callable[[Any], bool]
@@ -52,8 +53,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 @dataclass(frozen=True)
 class DataSpec:
     dataset: str = _f("digits", "registered data set", choices=lambda: DATASETS)
-    val_fraction: float = _f(0.25, "share of the data held out for validation (stratified, fixed by seed)",
-                             ("must be in (0, 1)", lambda x: 0 < x < 1))
+    val_fraction: float = _f(0.25, "share of the data held out for validation (stratified, fixed by seed); the "
+                                   "sweep chooses on it", ("must be in (0, 1)", lambda x: 0 < x < 1))
+    test_fraction: float = _f(0.2, "share of the data held out as the test split (stratified, fixed by seed, disjoint "
+                                   "from train and validation), which only measures the configurations chosen on "
+                                   "validation; torchvision sets use their official test split and fn_* sets a dense "
+                                   "grid of their own (0 = no test split)",
+                              ("must be in [0, 1)", lambda x: 0 <= x < 1))
     batch_size: int = _f(64, "training batch size", ("must be >= 1", lambda x: x >= 1))
     normalize: bool = _f(True, "standardise inputs with the training set's per-channel mean and std")
     root: Union[str, None] = _f(None, "folder with the data set's files (cifar10, cifar100, fgvc_aircraft, dtd, "
@@ -98,7 +104,8 @@ class TrainSpec:
                           "metric is their mean, and sb_score compares their weights (needs 2 or more)",
                        ("must be between 1 and 16", lambda x: 1 <= x <= 16))
     score_layers: Union[str, None] = _f(None, "regular expression choosing the weights sb_score compares "
-                                              "(null = every conv and linear weight, biases excluded)",
+                                              "(null = every weight that connects units: conv, linear and group-conv weights; biases and norm "
+                                              "parameters excluded)",
                                         ("must be a valid regular expression", _is_regex))
     device: str = _f("auto", "where to train: auto picks cuda when available", choices=lambda: ("auto", "cpu", "cuda"))
     threads: int = _f(0, "torch threads per trial (0 = share the machine's cores among parallel trials)",
@@ -115,6 +122,16 @@ class SearchSpec:
                      ("must be >= 1", lambda x: x >= 1))
     parallel: int = _f(1, "trials run at the same time, each in its own process",
                        ("must be between 1 and 64", lambda x: 1 <= x <= 64))
+    schedule: Union[str, None] = _f(None, "what each trial's sampler and pruning rule see: fixed (trial n waits until "
+                                    "trials 0..n-lag have finished and sees exactly those, so the same spec gives the "
+                                    "same sweep) or free (each trial sees whatever has finished when it starts: no "
+                                    "waiting, but runs at parallel > 1 differ); null = fixed with the optuna backend, "
+                                    "free with ray (Ray Tune starts trials as slots free up)",
+                                    ("must be fixed, free or null", lambda x: x in ("fixed", "free")))
+    lag: Union[int, None] = _f(None, "fixed schedule: trial n sees trials 0..n-lag (null = search.parallel, so no "
+                               "worker waits while the trials take similar times); set it to get the same sweep at "
+                               "any search.parallel (1 sees every earlier trial, as a serial sweep does)",
+                               ("must be >= 1", lambda x: x >= 1))
     pruner: str = _f("none", "early stopping rule, judged after each epoch from warmup_epochs on: none; median (worse than "
                      "the median of completed trials at that epoch); successive_halving or hyperband (keep the best "
                      "1/reduction_factor at rungs warmup*reduction_factor^k); wasserstein (sb_score in the worst "
@@ -146,6 +163,16 @@ class SearchSpec:
                             choices=lambda: ("fail", "prune"))
     max_consecutive_failures: int = _f(5, "stop the sweep after this many failed trials in a row (0 = never stop)",
                                        ("must be >= 0", lambda x: x >= 0))
+
+    @property
+    def fixed_schedule(self) -> bool:
+        """Whether trials follow the fixed schedule (``schedule: null`` is fixed with optuna, free with ray)."""
+        return (self.schedule or ("free" if self.backend == "ray" else "fixed")) == "fixed"
+
+    @property
+    def schedule_lag(self) -> int:
+        """The fixed schedule's lag: trial n sees trials 0..n-lag."""
+        return self.lag or self.parallel
 
 
 @dataclass(frozen=True)
@@ -427,7 +454,7 @@ def _parse_param(name: str, knob: Knob, raw: Any, path: str, problems: list[Prob
     return ParamSpec(name, "fixed", (knob.coerce(raw),))
 
 
-def _parse_space(raw: Any, problems: list[Problem]) -> tuple[ParamSpec, ...]:
+def _parse_space(raw: Any, problems: list[Problem], input_kind: str = "image") -> tuple[ParamSpec, ...]:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -453,7 +480,7 @@ def _parse_space(raw: Any, problems: list[Problem]) -> tuple[ParamSpec, ...]:
                 if p is not None:
                     params.append(p)
             else:
-                params.append(ParamSpec(name, "fixed", (knob.default,)))
+                params.append(ParamSpec(name, "fixed", (knob.default_for(input_kind),)))
     return tuple(params)
 
 
@@ -473,7 +500,8 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
         why = strategy.incompatible(base, spec.model.name, input_kind)
         if why is not None:
             # Blame the fixed knob the user set away from its default (the last one, as in "kind: channel").
-            culprit = next((p for p in reversed(params) if p.kind == "fixed" and p.values[0] != strategy.knob_by_name[p.knob].default), params[0])
+            culprit = next((p for p in reversed(params) if p.kind == "fixed"
+                            and p.values[0] != strategy.knob_by_name[p.knob].default_for(input_kind)), params[0])
             problems.append(Problem(f"space.{culprit.name}", why, culprit.values[0]))
             continue
         for p in params:
@@ -483,11 +511,18 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
                     problems.append(Problem(f"space.{p.name}", why, value))
                     break
     _model_checks(spec, by_name, problems)
+    _input_checks(spec, by_name, input_kind, problems)
     shape = DATASETS[spec.data.dataset].image_shape(data_options(spec.data))
     if not problems and shape is not None and spec.model.name in TORCHVISION_MODELS:  # needs a buildable model
         _input_size_checks(spec, shape, bases, by_name, problems)
     if spec.search.pruner in RAY_SCHEDULERS and spec.search.backend != "ray":
         problems.append(Problem("search.pruner", "is a Ray Tune scheduler and needs search.backend: ray", spec.search.pruner))
+    if spec.search.schedule == "fixed" and spec.search.backend == "ray":
+        problems.append(Problem("search.schedule", "needs search.backend: optuna; Ray Tune starts each trial as a slot "
+                                "frees up, so the ray backend runs free (leave it null or set free)", spec.search.schedule))
+    if spec.search.lag is not None and not spec.search.fixed_schedule:
+        problems.append(Problem("search.lag", "applies to the fixed schedule only (search.schedule: fixed, the optuna "
+                                "backend)", spec.search.lag))
     if spec.search.sampler == "grid":
         for p in spec.space:
             if p.kind == "range" and not (p.integer or p.step):
@@ -504,7 +539,8 @@ def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[P
                                 ", ".join(TORCHVISION_MODELS) + ")", spec.model.cifar_stem))
     if spec.train.optimizer == "lbfgs":
         # L-BFGS takes one full-batch step per epoch: no per-parameter learning rates, and a line
-        # search that needs the same objective on every evaluation.
+        # search that needs the same objective on every evaluation. (controls.bias_scale, a fixed factor in
+        # the forward pass, is the bias control that works here.)
         multiplier = next((m for m in candidates("controls.bias_lr_multiplier") if m != 1.0), None)
         if multiplier is not None:
             problems.append(Problem("space.controls.bias_lr_multiplier", "needs a minibatch optimiser; "
@@ -514,10 +550,53 @@ def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[P
             problems.append(Problem("space.equivariance.how", "random augmentation and penalty elements need a "
                                     "minibatch optimiser, not train.optimizer lbfgs (use layers or none)", how))
     if spec.model.name == "small_cnn" and any(n != "none" for n in candidates("norm.kind")):
-        multiplier = next((m for m in candidates("controls.bias_lr_multiplier") if m != 1.0), None)
-        if multiplier is not None:
-            problems.append(Problem("space.controls.bias_lr_multiplier", "needs a first-layer bias, which small_cnn "
-                                    "has only with norm.kind: none (a norm layer makes a conv bias redundant)", multiplier))
+        for knob in ("bias_lr_multiplier", "bias_scale"):
+            value = next((m for m in candidates(f"controls.{knob}") if m != 1.0), None)
+            if value is not None:
+                problems.append(Problem(f"space.controls.{knob}", "needs a first-layer bias, which small_cnn has only "
+                                        "with norm.kind: none (a norm layer makes a conv bias redundant)", value))
+
+
+def _input_checks(spec: Spec, by_name: Mapping[str, ParamSpec], input_kind: str, problems: list[Problem]) -> None:
+    """Rules of the input pipeline that span the data section and the expansion."""
+    if input_kind == "vector" and spec.data.normalize and "raw" in by_name["expansion.fill_space"].extremes:
+        problems.append(Problem("space.expansion.fill_space", "raw places the constant in raw input units, which "
+                                "normalised vector data does not have (each feature is standardised on its own); use "
+                                "normalized, or data.normalize: false", "raw"))
+
+
+def _factors(p: ParamSpec) -> list[int]:
+    """Every expansion factor a parameter can take (a range's integers too)."""
+    if p.kind == "range":
+        assert p.low is not None and p.high is not None
+        return list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+    return [int(v) for v in p.values]
+
+
+def spec_notes(spec: Spec) -> list[str]:
+    """What a valid spec does that its user may not expect, one line each (``validate`` and ``run`` print them).
+
+    Today: with ``equivariance.how: layers, where: all`` the logits are exactly invariant to rotating
+    (and, for D4, flipping) the *expanded canvas*; they are invariant to rotating the original image
+    only when the expansion commutes with the group (``why_not_rotation_symmetric``). Otherwise the
+    constants break the symmetry the layers build, which may be the experiment, but is not invariance.
+    """
+    from sbsearch.strategies.expansion import why_not_rotation_symmetric
+
+    by_name = {p.name: p for p in spec.space}
+    shape = DATASETS[spec.data.dataset].image_shape(data_options(spec.data))
+    if shape is None or "layers" not in by_name["equivariance.how"].extremes or \
+            "all" not in by_name["equivariance.where"].extremes:
+        return []
+    for layout in by_name["expansion.layout"].extremes:
+        for offset in by_name["expansion.offset"].extremes:
+            for factor in _factors(by_name["expansion.factor"]):
+                why = why_not_rotation_symmetric(str(layout), factor, str(offset), shape[1])
+                if why is not None:
+                    return [f"space.equivariance.where: all makes the logits invariant to rotating the expanded input, "
+                            f"not the original image, when {why} (the constants then break the symmetry the layers "
+                            "build)"]
+    return []
 
 
 def _input_size_checks(spec: Spec, shape: tuple[int, int, int], base: Mapping[str, Mapping[str, Any]],
@@ -562,6 +641,9 @@ def _input_size_checks(spec: Spec, shape: tuple[int, int, int], base: Mapping[st
 def _data_checks(data: DataSpec, problems: list[Problem]) -> None:
     """Data that is not there is the user's to fix: say so before any training starts."""
     info = DATASETS[data.dataset]
+    if not info.own_test_split and data.val_fraction + data.test_fraction >= 1:
+        problems.append(Problem("data.test_fraction", f"must leave training data: val_fraction + test_fraction must "
+                                f"be < 1 (val_fraction is {data.val_fraction})", data.test_fraction))
     if not info.needs_root:
         return
     if data.root is None:
@@ -580,7 +662,7 @@ def data_options(data: DataSpec) -> DataOptions:
     """The loader options of a data section."""
     return DataOptions(root=data.root, download=data.download, image_size=data.image_size, domain=data.domain,
                        sampling=data.sampling, points=data.points, fake_samples=data.fake_samples,
-                       fake_classes=data.fake_classes)
+                       fake_classes=data.fake_classes, test_fraction=data.test_fraction)
 
 
 def parse_spec(raw: Any) -> Spec:
@@ -600,7 +682,7 @@ def parse_spec(raw: Any) -> Spec:
             problems.append(Problem(str(key), "is not a known section", raw[key], did_you_mean(str(key), top)))
     head = _parse_section(Spec, {k: raw[k] for k in ("name", "seed") if k in raw}, "", problems, only=("name", "seed"))
     sections = {name: _parse_section(cls, raw.get(name), name, problems) for name, cls in _SECTIONS.items()}
-    space = _parse_space(raw.get("space"), problems)
+    space = _parse_space(raw.get("space"), problems, DATASETS[sections["data"].dataset].input_kind)
     if sections["data"].root is not None:  # trials may run in other working directories (Ray)
         sections["data"] = dataclasses.replace(sections["data"], root=str(Path(sections["data"].root).expanduser().resolve()))
     spec = Spec(name=head.name, seed=head.seed, space=space, **sections)
@@ -692,7 +774,7 @@ def spec_reference() -> list[tuple[str, str, str, str]]:
         elif f.name == "space":
             for sname, strategy in STRATEGIES.items():
                 for knob in strategy.knobs:
-                    rows.append((f"space.{sname}.{knob.name}", knob.kind, repr(knob.default), f"{knob.doc}; {knob.rule()}"))
+                    rows.append((f"space.{sname}.{knob.name}", knob.kind, knob.default_words(), f"{knob.doc}; {knob.rule()}"))
         else:
             rule = f.metadata.get("rule")
             rows.append((f.name, type_words(hints[f.name]), repr(f.default), f.metadata["doc"] + (f"; {rule[0]}" if rule else "")))

@@ -31,7 +31,11 @@ from sbsearch.spec import Spec, spec_to_dict
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
 from sbsearch.trial import SweepContext, TrialRecord
 
-__all__ = ["SweepResult", "run_sweep", "relog_sweep", "sweep_key", "tracking_info", "default_out_dir", "write_trials_csv"]
+__all__ = ["HELD_OUT_TOP", "SweepResult", "chosen_on_validation", "run_sweep", "relog_sweep", "sweep_key", "tracking_info",
+           "default_out_dir", "write_trials_csv"]
+
+HELD_OUT_TOP = 5
+"""How many configurations, chosen on validation, a finished sweep shows with their test-split numbers."""
 
 # Keys a resumed sweep may change without becoming a different sweep.
 _RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment",
@@ -57,11 +61,29 @@ class SweepResult:
 
     @property
     def best(self) -> TrialRecord | None:
-        done = [r for r in self.records if r.state == "COMPLETE" and self.metric in r.final]
-        if not done:
-            return None
-        sign = 1 if self.direction == "maximize" else -1
-        return max(done, key=lambda r: sign * r.final[self.metric])
+        chosen = self.chosen
+        return chosen[0] if chosen else None
+
+    @property
+    def chosen(self) -> list[TrialRecord]:
+        """The top ``HELD_OUT_TOP`` completed trials on validation, the best first."""
+        return chosen_on_validation(self.records, self.metric, self.direction)
+
+
+def chosen_on_validation(records: list[TrialRecord], metric: str, direction: str,
+                         top: int = HELD_OUT_TOP) -> list[TrialRecord]:
+    """The ``top`` completed trials by their final validation ``metric``, the best first (ties: the lower
+    trial number). These, and only these, are shown with their test-split numbers: the test split
+    never takes part in choosing them.
+    """
+    sign = 1 if direction == "maximize" else -1
+    done = [r for r in records if r.state == "COMPLETE" and metric in r.final and math.isfinite(r.final[metric])]
+    return sorted(done, key=lambda r: (-sign * r.final[metric], r.number))[:top]
+
+
+def _heldout(result: SweepResult) -> dict[int, tuple[int, dict[str, float]]]:
+    """Trial number -> (rank on validation, test-split numbers) of the chosen trials that have them."""
+    return {r.number: (rank, r.test) for rank, r in enumerate(result.chosen, start=1) if r.test}
 
 
 def default_out_dir(spec: Spec) -> Path:
@@ -101,17 +123,28 @@ def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
                             "resume it with its own spec or choose another --out")
 
 
-def write_trials_csv(path: Path, records: list[TrialRecord], searched: list[str]) -> None:
-    """One row per trial: number, state, parameters, final metrics, epochs run, seconds, reason."""
+def write_trials_csv(path: Path, records: list[TrialRecord], searched: list[str],
+                     heldout: dict[int, tuple[int, dict[str, float]]] | None = None) -> None:
+    """One row per trial: number, state, parameters, final metrics, epochs run, seconds, reason.
+
+    ``heldout`` (trial number -> (rank on validation, test-split numbers)) fills the ``heldout_rank``
+    and ``test_*`` columns of the configurations the finished sweep chose; every other row leaves them
+    empty.
+    """
+    heldout = heldout or {}
     metric_keys = sorted({k for r in records for k in r.final})
-    columns = ["number", "state", *searched, *metric_keys, "epochs_run", "seconds", "reason", "mlflow_run_id"]
+    test_keys = sorted({k for _, test in heldout.values() for k in test})
+    columns = ["number", "state", *searched, *metric_keys, "heldout_rank", *test_keys, "epochs_run", "seconds",
+               "reason", "mlflow_run_id"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for r in sorted(records, key=lambda r: r.number):
+            rank, test = heldout.get(r.number, (None, {}))
             writer.writerow([r.number, r.state, *[r.params.get(k, "") for k in searched],
-                             *[_num(r.final.get(k)) for k in metric_keys], r.epochs_run, f"{r.seconds:.3f}",
+                             *[_num(r.final.get(k)) for k in metric_keys], "" if rank is None else rank,
+                             *[_num(test.get(k)) for k in test_keys], r.epochs_run, f"{r.seconds:.3f}",
                              r.reason, r.run_id])
     tmp.replace(path)  # a reader never sees half a file
 
@@ -191,7 +224,7 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
         result.counts = {s: sum(r.state == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}
         result.stopped_because = backend.stopped_because
         result.unlogged = [r.number for r in records if track and not r.logged]
-        write_trials_csv(out / "trials.csv", records, searched)
+        write_trials_csv(out / "trials.csv", records, searched, _heldout(result))
         try:
             _close_parent(tracker, parent, result)
         except Exception as exc:  # the store went away: the results are safe in the study and trials.csv
@@ -213,7 +246,12 @@ def _close_parent(tracker: Tracker | None, parent: str | None, result: SweepResu
     if best is not None:
         summary[f"best_{metric}"] = best.final[metric]
         summary["best_trial"] = float(best.number)
+        summary.update({f"best_{k}": v for k, v in best.test.items()})
         tags["sbsearch.best_params"] = str(best.params)
+    for number, (rank, test) in _heldout(result).items():
+        # Looked up rather than taken from the record: relog gives a trial a new run.
+        for run in tracker.runs_of_trial(parent, number)[:1]:
+            tracker.log_heldout(run.info.run_id, rank, test)
     tracker.log_artifact(parent, result.out_dir / "trials.csv")
     tracker.end_sweep(parent, summary, tags, status="FAILED" if result.stopped_because else "FINISHED")
 
@@ -281,29 +319,30 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
         metric, direction = DATASETS[spec.data.dataset].objective
         result = SweepResult(spec, out, records, metric, direction, uri, parent, 0.0)
         result.counts = {s: sum(r.state == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        write_trials_csv(out / "trials.csv", records, [p.name for p in spec.searched])
+        write_trials_csv(out / "trials.csv", records, [p.name for p in spec.searched], _heldout(result))
         _close_parent(tracker, parent, result)
     return written, len(records) - written
 
 
 def print_summary(result: SweepResult, console: Console) -> None:
-    """The top trials, the best configuration, and where to look next."""
-    sign = 1 if result.direction == "maximize" else -1
-    rows = []
-    for r in result.records:
-        if r.state == "COMPLETE" and result.metric in r.final and math.isfinite(r.final[result.metric]):
-            rows.append({"number": r.number, result.metric: r.final[result.metric], "epochs_run": r.epochs_run,
-                         "seconds": r.seconds, **r.params})
-    rows.sort(key=lambda row: -sign * row[result.metric])
+    """The top trials (chosen on validation, measured on test), the best configuration, and where to look next."""
+    rows = [{"number": r.number, result.metric: r.final[result.metric], "epochs_run": r.epochs_run,
+             "seconds": r.seconds, **r.test, **r.params} for r in result.chosen]
+    test_metric = "test_" + result.metric.removeprefix("val_")
+    has_test = any(test_metric in r.test for r in result.chosen)
     searched = [p.name for p in result.spec.searched]
     c = result.counts
     console.print(f"\n[bold]{result.spec.name}[/bold]: {len(result.records)} trials in {result.seconds:.0f} s — "
                   f"{c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed")
     if rows:
-        console.print(top_table(rows, result.metric, searched))
+        console.print(top_table(rows, result.metric, searched, limit=HELD_OUT_TOP,
+                                test_metric=test_metric if has_test else None))
     best = result.best
     if best is not None:
-        console.print(f"[bold]Best configuration[/bold] (trial {best.number}, {result.metric} = {best.final[result.metric]:.4f}):")
+        held_out = (f", held-out {test_metric} = {best.test[test_metric]:.4f}" if test_metric in best.test else
+                    ", no test split" if not has_test else "")
+        console.print(f"[bold]Best configuration[/bold] (trial {best.number}, {result.metric} = "
+                      f"{best.final[result.metric]:.4f}{held_out}):")
         for k in searched:
             console.print(f"  {k}: {best.params.get(k)}", highlight=False)
     console.print(f"Results: {result.out_dir}/trials.csv, study {result.out_dir}/optuna.journal", highlight=False)

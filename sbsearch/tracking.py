@@ -174,6 +174,11 @@ class Tracker:
         self._log(run_id, metrics={f"final.{k}": v for k, v in final.items()}, tags={"sbsearch.state": state, **tags})
         _retry(lambda: self.client.set_terminated(run_id, status="FAILED" if state == "FAIL" else "FINISHED"))
 
+    def log_heldout(self, run_id: str, rank: int, test: Mapping[str, float]) -> None:
+        """Put a chosen trial's test-split numbers on its (finished) run: ``test_<metric>``, its spread over
+        replicas and ``test_loss``, with ``sbsearch.heldout_rank`` (1 = the best on validation)."""
+        self._log(run_id, metrics=test, tags={"sbsearch.heldout_rank": str(rank)})
+
     # --- reading back -----------------------------------------------------------------------------
     def trial_runs(self, parent_id: str) -> list[Any]:
         return self._find_runs(f"tags.`mlflow.parentRunId` = '{parent_id}'")

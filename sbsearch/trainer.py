@@ -44,8 +44,9 @@ class TrainPlan:
     seed: int = 0
     device: str = "cpu"
     score: bool = True  # log sb_score / sb_drift after every epoch
-    score_layers: str | None = None  # regex over weight names; None = every conv/linear weight
+    score_layers: str | None = None  # regex over weight names; None = every conv, linear and group-conv weight
     max_steps: int | None = None  # stop after this many optimiser steps, mid-epoch if need be (sbsearch rank)
+    test: bool = True  # measure the test split once, after the last epoch of a trial that ran every epoch
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainResult:
     seconds: float = 0.0
     weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
     """Each replica's final parameters by name (detached copies)."""
+    test: dict[str, float] = field(default_factory=dict)
+    """``test_<metric>`` (mean over replicas), ``test_<metric>_std`` and ``test_loss``, measured once after
+    training; empty when the trial stopped early or the data has no test split. Never reported."""
 
 
 def replica_seeds(seed: int, replicas: int) -> list[int]:
@@ -125,7 +129,12 @@ def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None 
     """Train ``plan.replicas`` models of ``desc`` on ``split`` and report after every epoch.
 
     Metrics per epoch: ``train_loss``, ``val_loss`` and ``val_<metric>`` (mean over replicas), and
-    with several replicas also ``val_<metric>_std``.
+    with several replicas also ``val_<metric>_std``. The test split is measured once, after a trial
+    that ran every epoch, into ``TrainResult.test``; ``report`` never sees it, so nothing that decides
+    during a sweep (sampler, pruner, ranking) can.
+
+    When ``split.train_pipeline`` is set, each training batch goes through the symmetry transforms of
+    the data (augmentation, the invariance penalty's group action) first and the pipeline after.
 
     Raises:
         TrialDiverged: when the training loss becomes NaN or infinite.
@@ -156,6 +165,9 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     lbfgs_optimizers = [_make_optimizer(list(m.parameters()), plan) for m in models] if lbfgs else []
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_val, y_val = split.x_val.to(device), split.y_val.to(device)
+    pipeline = split.train_pipeline
+    if pipeline is not None and lbfgs:  # full-batch steps have no per-batch transform to come first
+        x_train, pipeline = pipeline(x_train), None
     n, metric = x_train.shape[0], f"val_{split.metric}"
     score_layers = _score_layers(models[0], plan.score_layers)
     initial = _final_weights(net, score_layers) if plan.score and score_layers else []
@@ -176,7 +188,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
             seen = 0
             for i in range(0, n, plan.batch_size):
                 idx = perm[i : i + plan.batch_size]
-                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, desc, augment)
+                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, desc, augment, pipeline)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
@@ -202,9 +214,16 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
             break
         if plan.max_steps is not None and steps >= plan.max_steps:
             break
+    test: dict[str, float] = {}
+    if plan.test and not stopped and epoch == plan.epochs and split.x_test is not None and split.y_test is not None:
+        net.train(False)
+        test_loss, test_metric = _evaluate(net, split.x_test.to(device), split.y_test.to(device), split.task)
+        test = {f"test_{split.metric}": test_metric.mean().item(), "test_loss": test_loss.mean().item()}
+        if plan.replicas > 1:
+            test[f"test_{split.metric}_std"] = test_metric.std().item()
     return TrainResult(epochs_run=epoch, stopped_early=stopped, final=dict(history[-1]), history=history,
                        num_parameters=count_parameters(models[0]), seconds=time.perf_counter() - start,
-                       weights=_final_weights(net))
+                       weights=_final_weights(net), test=test)
 
 
 def _named(params: list[torch.Tensor], model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
@@ -249,37 +268,57 @@ def _restore_frozen(entries: list[tuple[torch.Tensor, ...]]) -> None:
         p.copy_(torch.where(mask, value, p))
 
 
-def invariance_penalty(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor,
-                       group: str, element: int) -> torch.Tensor:
-    """Sum over replicas of ``mean |f(g.x) - f(x)|^2`` for one group element ``g``.
+Pipeline = Callable[[torch.Tensor], torch.Tensor]
 
-    ``out`` is ``net(x)`` (R, B, out), already computed for the task loss.
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def invariance_penalty(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+                       group: str, element: int, pipeline: Pipeline | None = None) -> torch.Tensor:
+    """Sum over replicas of ``mean |f(P(g.x)) - f(P(x))|^2`` for one group element ``g``.
+
+    ``x`` is the batch before the input pipeline ``P`` (expansion, normalisation; the identity when
+    ``None``), so ``g`` turns the image and never the expanded canvas; ``out`` is ``net(P(x))``
+    (R, B, out), already computed for the task loss.
     """
-    diff = net(act_on_image(group, element, x)) - out  # (R, B, out)
+    prepare = pipeline or _identity
+    diff = net(prepare(act_on_image(group, element, x))) - out  # (R, B, out)
     return diff.pow(2).flatten(1).mean(dim=1).sum()
 
 
 def _batch_loss(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, task: str,
-                desc: ModelDesc, generator: torch.Generator) -> torch.Tensor:
-    """The task loss of one batch, with the equivariance strategy's augmentation or penalty."""
+                desc: ModelDesc, generator: torch.Generator, pipeline: Pipeline | None = None) -> torch.Tensor:
+    """The task loss of one batch, with the equivariance strategy's augmentation or penalty.
+
+    The symmetry transforms act on ``x`` before the input pipeline (expansion, normalisation), so
+    the expansion's constants stay where validation and test inputs have them.
+    """
     if desc.augment_group != "none":
         elements = torch.randint(get_group(desc.augment_group).order, (x.shape[0],), generator=generator)
         x = act_on_image_batch(desc.augment_group, elements, x)  # labels unchanged: the task is invariant
-    out = net(x)
+    out = net(pipeline(x) if pipeline is not None else x)
     loss = task_loss(out, y, task)
     if desc.penalty_group != "none" and desc.penalty_weight > 0:
         # A random non-identity element per batch: over many batches the penalty covers the group.
         element = 1 + int(torch.randint(get_group(desc.penalty_group).order - 1, (1,), generator=generator))
-        loss = loss + desc.penalty_weight * invariance_penalty(net, x, out, desc.penalty_group, element)
+        loss = loss + desc.penalty_weight * invariance_penalty(net, x, out, desc.penalty_group, element, pipeline)
     return loss
 
 
 def _score_layers(model: nn.Module, pattern: str | None) -> list[str]:
-    """The weights the score looks at: every conv/linear weight, or those whose name matches ``pattern``."""
+    """The weights the score looks at: every weight that connects units (conv, linear and group-conv
+    weights; see ``default_score_layers``), or those of them whose name ``pattern`` matches (``re.search``)."""
     layers = default_score_layers(model)
     if pattern is None:
         return layers
-    return [name for name in layers if re.search(pattern, name)]
+    chosen = [name for name in layers if re.search(pattern, name)]
+    if not chosen:  # a score over nothing would log nothing, and nobody would notice
+        names = ", ".join(layers)
+        raise ValueError(f"train.score_layers: must match at least one scored weight of this model ({names[:300]}), "
+                         f"but got {pattern!r}")
+    return chosen
 
 
 def _score_metrics(weights: list[dict[str, torch.Tensor]], initial: list[dict[str, torch.Tensor]],

@@ -20,7 +20,7 @@ from sbsearch.errors import TrialDiverged
 from sbsearch.models import describe_model
 from sbsearch.space import TrialConfig
 from sbsearch.spec import Spec, data_options
-from sbsearch.strategies import ModelDesc, input_expansion
+from sbsearch.strategies import ModelDesc, control_values, input_expansion
 from sbsearch.tracking import Tracker, TrackingTarget
 from sbsearch.trainer import TrainPlan, resolve_device, train
 
@@ -57,6 +57,10 @@ class TrialRecord:
     history: list[dict[str, float]] = field(default_factory=list)  # metrics after each epoch
     logged: bool = True  # False when the tracking store failed: ``sbsearch relog`` catches up
     tracking_error: str = ""
+    # The held-out test split, measured when the trial completed. Kept apart from ``final`` so that no
+    # sampler, pruner or ranking can read it; the sweep publishes it only for the configurations it
+    # chose on validation (``sbsearch.heldout``).
+    test: dict[str, float] = field(default_factory=dict)
 
 
 ShouldPrune = Callable[[int, Mapping[str, float]], "str | None"]
@@ -77,12 +81,17 @@ def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
     """The data and model description of one configuration."""
     settings = config.all_settings()
     base = _base_split(spec.data.dataset, spec.data.val_fraction, spec.seed, data_options(spec.data))
+    plain = ModelDesc(spec.model.name, tuple(base.x_train.shape[1:]), base.num_outputs,
+                      width=spec.model.width, depth=spec.model.depth, first_bias=spec.model.first_bias,
+                      cifar_stem=spec.model.cifar_stem)
+    desc = describe_model(plain, settings, _expansion_constants(base, settings["expansion"], spec.data.normalize),
+                          optimizer=spec.train.optimizer)
+    # Symmetry transforms of the data act on the image, before the expansion: the trainer gets the
+    # training inputs unexpanded and applies the pipeline to each batch after transforming it.
+    transforms_data = desc.augment_group != "none" or desc.penalty_group != "none"
     # A control that stands in for the expansion (controls.*) leaves the data unexpanded.
-    split = prepare(base, input_expansion(settings), normalize=spec.data.normalize)
-    desc = ModelDesc(spec.model.name, tuple(base.x_train.shape[1:]), base.num_outputs,
-                     width=spec.model.width, depth=spec.model.depth, first_bias=spec.model.first_bias,
-                     cifar_stem=spec.model.cifar_stem)
-    return split, describe_model(desc, settings, _expansion_constants(base, settings["expansion"], spec.data.normalize))
+    split = prepare(base, input_expansion(settings), normalize=spec.data.normalize, defer_train=transforms_data)
+    return split, desc
 
 
 def _expansion_constants(base: Split, expansion: dict[str, object], normalize: bool) -> torch.Tensor:
@@ -91,7 +100,7 @@ def _expansion_constants(base: Split, expansion: dict[str, object], normalize: b
     A NaN sample run through the real ``prepare`` keeps NaN exactly at the original positions.
     """
     nan = torch.full((1, *base.x_train.shape[1:]), float("nan"))
-    probe = prepare(replace(base, x_train=nan, x_val=nan), expansion, normalize=normalize).x_train[0]
+    probe = prepare(replace(base, x_train=nan, x_val=nan, x_test=None), expansion, normalize=normalize).x_train[0]
     return torch.nan_to_num(probe, nan=0.0)
 
 
@@ -134,7 +143,9 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     try:
         split, desc = build_trial(ctx.spec, config)
         result = train(split, desc, train_plan(ctx.spec), report)
-        record.final, record.epochs_run = {**result.final, "num_parameters": float(result.num_parameters)}, result.epochs_run
+        record.final, record.epochs_run = {**result.final, "num_parameters": float(result.num_parameters),
+                                           **control_values(desc)}, result.epochs_run
+        record.test = dict(result.test)
         if prune_reason:
             record.state, record.reason = "PRUNED", prune_reason[0]
     except Interrupted:

@@ -16,7 +16,7 @@ from sbsearch.data import DATASETS, FUNCTIONS, DataOptions, load_dataset, prepar
 from sbsearch.errors import SpecError
 from sbsearch.spec import parse_spec
 from sbsearch.strategies import STRATEGIES
-from sbsearch.strategies.expansion import IMAGE_LAYOUTS, VECTOR_LAYOUTS, expand_image, expand_vector
+from sbsearch.strategies.expansion import VECTOR_LAYOUTS, expand, expand_image, expand_vector
 
 # name -> (input shape, task, outputs): what the data module's docstring promises.
 DOCUMENTED = {
@@ -60,14 +60,40 @@ def test_data_sets_without_download_load_with_the_documented_shapes(name: str) -
 @pytest.mark.parametrize("name", ["digits", "wine", "breast_cancer", "fakedata"])
 def test_splits_are_fixed_by_the_seed_and_stratified(name: str) -> None:
     a, b = load_dataset(name, 0.25, 3, SMALL), load_dataset(name, 0.25, 3, SMALL)
-    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
+    assert a.x_test is not None and a.y_test is not None and b.y_test is not None
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val) and torch.equal(a.y_test, b.y_test)
     other = load_dataset(name, 0.25, 4, SMALL)
     assert not torch.equal(a.y_val, other.y_val) or not torch.equal(a.x_val, other.x_val)
-    n_total = a.x_train.shape[0] + a.x_val.shape[0]
-    assert abs(a.x_val.shape[0] - 0.25 * n_total) <= len(torch.unique(a.y_train))  # rounding per class
+    n_total = a.x_train.shape[0] + a.x_val.shape[0] + a.x_test.shape[0]
+    classes = len(torch.unique(a.y_train))
+    assert abs(a.x_val.shape[0] - 0.25 * n_total) <= classes  # rounding per class
+    assert abs(a.x_test.shape[0] - SMALL.test_fraction * n_total) <= classes
     if name != "fakedata":  # FakeData's random labels give classes of a handful of images
-        share = torch.bincount(a.y_val) / torch.bincount(a.y_train + 0, minlength=a.num_outputs).clamp_min(1)
-        assert torch.all((share > 0.2) & (share < 0.45))
+        counts = torch.bincount(a.y_train, minlength=a.num_outputs).clamp_min(1)
+        for held in (a.y_val, a.y_test):
+            share = torch.bincount(held, minlength=a.num_outputs) / counts
+            assert torch.all((share > 0.2) & (share < 0.6))
+
+
+@pytest.mark.parametrize("name", ["digits", "wine", "fakedata"])
+def test_the_test_split_is_disjoint_from_train_and_validation(name: str) -> None:
+    # The rows of every split are distinct samples: no sample of the test split is also trained or validated on.
+    split = load_dataset(name, 0.25, 0, SMALL)
+    assert split.x_test is not None
+    rows = {part: {tuple(x.flatten().tolist()) for x in xs}
+            for part, xs in (("train", split.x_train), ("val", split.x_val), ("test", split.x_test))}
+    assert rows["test"] and not rows["test"] & rows["train"] and not rows["test"] & rows["val"]
+    assert not rows["val"] & rows["train"]
+    none = load_dataset(name, 0.25, 0, DataOptions(fake_samples=40, test_fraction=0.0))
+    assert none.x_test is None and none.x_val.shape[0] == split.x_val.shape[0]  # validation unchanged by the test split
+
+
+def test_function_sets_test_between_their_validation_points() -> None:
+    split = load_dataset("fn_smooth", 0.25, 0)
+    assert split.x_test is not None and split.y_test is not None and split.x_test.shape == (999, 1)
+    val, test = split.x_val[:, 0], split.x_test[:, 0]
+    assert torch.all((test > val[:-1]) & (test < val[1:]))  # strictly between neighbours: a grid of its own
+    assert torch.allclose(split.y_test[:, 0], torch.sin(2 * math.pi * (test + 1) / 2), atol=1e-5)
 
 
 def test_tabular_features_are_standardised_per_feature() -> None:
@@ -134,7 +160,8 @@ def _write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: 
 
 def test_imagefolder_loads_from_root(tmp_path: Path) -> None:
     _write_image_folder(tmp_path / "images")
-    split = load_dataset("imagefolder", 0.5, 0, DataOptions(root=str(tmp_path / "images"), image_size=8))
+    split = load_dataset("imagefolder", 0.5, 0, DataOptions(root=str(tmp_path / "images"), image_size=8,
+                                                            test_fraction=0.0))
     assert split.x_train.shape == (6, 3, 8, 8) and split.x_val.shape == (6, 3, 8, 8) and split.num_outputs == 2
     assert DATASETS["imagefolder"].missing(DataOptions(root=str(tmp_path / "images"))) is None  # type: ignore[misc]
     assert "no images" in str(DATASETS["imagefolder"].missing(DataOptions(root=str(tmp_path))))  # type: ignore[misc]
@@ -144,12 +171,16 @@ def test_imagefolder_loads_from_root(tmp_path: Path) -> None:
 
 def test_dtd_loads_train_and_val_from_a_local_copy(tmp_path: Path) -> None:
     data = tmp_path / "dtd" / "dtd"
-    _write_image_folder(data / "images", classes=2, per_class=4)
+    _write_image_folder(data / "images", classes=2, per_class=6)
     (data / "labels").mkdir()
     (data / "labels" / "train1.txt").write_text("class0/0.png\nclass0/1.png\nclass1/0.png\nclass1/1.png\n")
     (data / "labels" / "val1.txt").write_text("class0/2.png\nclass0/3.png\nclass1/2.png\nclass1/3.png\n")
+    (data / "labels" / "test1.txt").write_text("class0/4.png\nclass0/5.png\nclass1/4.png\nclass1/5.png\nclass1/3.png\n")
     split = load_dataset("dtd", 0.5, 0, DataOptions(root=str(tmp_path), image_size=8))
     assert split.x_train.shape == (4, 3, 8, 8) and split.num_outputs == 2
+    # The official test split, not a share of train and val: its own five images.
+    assert split.x_test is not None and split.y_test is not None and split.x_test.shape == (5, 3, 8, 8)
+    assert split.y_test.tolist() == [0, 0, 1, 1, 1]
 
 
 def test_a_data_set_that_needs_a_root_gets_one_spec_line_naming_data_root(tmp_path: Path) -> None:
@@ -255,5 +286,16 @@ def test_upsample_adds_no_constant(h: int, k: int, f: int, seed: int) -> None:
     assert torch.equal(expand_vector(vector, k, 123.0, "upsample"), vector[:, torch.arange(f * k) // k])
 
 
-def test_image_layouts_are_a_subset_of_vector_layouts() -> None:
-    assert set(IMAGE_LAYOUTS) <= set(VECTOR_LAYOUTS)
+@pytest.mark.parametrize("layout", next(k for k in STRATEGIES["expansion"].knobs if k.name == "layout").choices)
+def test_every_layout_choice_expands_images_or_is_refused_for_them_and_expands_vectors(layout: str) -> None:
+    expansion = STRATEGIES["expansion"]
+    settings = {**expansion.defaults(), "factor": 2, "layout": layout, "fill_space": "normalized"}
+    refusal = expansion.incompatible(settings, "small_cnn", "image")
+    if refusal is None:  # accepted for images: it must expand one
+        assert expand(torch.randn(2, 1, 3, 3), settings).shape == (2, 1, 6, 6)
+    else:  # refused in one line, and only because images really have no such layout
+        assert repr(layout) in refusal and "\n" not in refusal
+        with pytest.raises(AssertionError, match="unknown image layout"):
+            expand(torch.randn(2, 1, 3, 3), settings)
+    assert expansion.incompatible(settings, "mlp", "vector") is None
+    assert expand(torch.randn(2, 3), settings).shape == (2, 6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,104 @@ def test_validation_names_what_cannot_apply() -> None:
     assert "small_cnn" in str(EQUIVARIANCE.incompatible({"how": "layers"}, "densenet121", "image"))
     assert "vector" in str(EQUIVARIANCE.incompatible({"how": "augment"}, "mlp", "vector"))
     assert EQUIVARIANCE.incompatible({"how": "penalty"}, "resnet18", "image") is None
+
+
+# --- the symmetry acts on the image, not on the expanded canvas -----------------------------------
+
+def _spec(**space: dict[str, object]) -> Any:
+    from sbsearch.spec import parse_spec
+
+    return parse_spec({"name": "eq", "data": {"dataset": "digits"}, "model": {"name": "small_cnn", "width": 4},
+                       "train": {"epochs": 1, "replicas": 1}, "space": space})
+
+
+def _trial(spec: Any) -> tuple[Any, Any]:
+    from sbsearch.space import config_from_params
+    from sbsearch.trial import build_trial
+
+    return build_trial(spec, config_from_params(spec, {}))
+
+
+class _Recorder(nn.Module):
+    """Records every input it is given and returns zeros shaped like logits: a net that only watches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return torch.zeros(1, x.shape[0], 10) + self.w
+
+
+@pytest.mark.parametrize("how", ["augment", "penalty"])
+@pytest.mark.parametrize("offset", ["start", "center"])
+def test_symmetry_transforms_leave_the_expansion_constants_where_validation_has_them(how: str, offset: str) -> None:
+    # K = 2 grids do not commute with rotations: rotating the expanded canvas would move the constant
+    # lattice during training only. The transforms must turn the image, then the expansion places it.
+    from sbsearch.trainer import _batch_loss
+
+    spec = _spec(expansion={"factor": 2, "fill": 0.5, "layout": "grid", "offset": offset},
+                 equivariance={"how": how, "group": "d4", "penalty_weight": 1.0})
+    split, desc = _trial(spec)
+    assert split.train_pipeline is not None
+    constant = torch.isnan(split.train_pipeline(torch.full((1, 1, 8, 8), float("nan"))))[0] == 0  # (1, 16, 16)
+    val_constants = split.x_val[:, constant]
+    assert torch.allclose(val_constants, val_constants[:1].expand_as(val_constants))  # one value everywhere
+    recorder = _Recorder()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):  # several batches: every group element turns up
+        _batch_loss(recorder, split.x_train[:64], split.y_train[:64], "classification", desc, generator,
+                    split.train_pipeline)
+    assert len(recorder.seen) == (4 if how == "augment" else 8)
+    for batch in recorder.seen:
+        assert batch.shape[1:] == split.x_val.shape[1:]
+        assert torch.equal(batch[:, constant], val_constants[:1].expand(batch.shape[0], -1))
+
+
+def test_without_symmetry_transforms_the_training_inputs_arrive_prepared() -> None:
+    split, _ = _trial(_spec(expansion={"factor": 2}))
+    assert split.train_pipeline is None and split.x_train.shape[1:] == split.x_val.shape[1:] == (1, 16, 16)
+
+
+def _layer_configs() -> list[tuple[Any, ...]]:
+    # Batch norm's place in the group blocks is checked once per stem; the layouts with none.
+    return [(group, factor, layout, offset, stem, norm)
+            for group in ("c4", "d4") for factor in (1, 2, 3) for layout in ("grid", "border", "upsample")
+            for offset in ("start", "center") for stem in ("none", "stride", "kernel") for norm in ("none", "batch")
+            if not (factor == 1 and (layout, offset, stem) != ("grid", "start", "none"))
+            and (norm == "none" or (layout, offset) == ("upsample", "start"))]
+
+
+@pytest.mark.parametrize(("group", "factor", "layout", "offset", "stem", "norm"), _layer_configs())
+def test_every_accepted_all_layers_configuration_is_invariant_to_turning_the_original_image(
+        group: str, factor: int, layout: str, offset: str, stem: str, norm: str) -> None:
+    # Validation accepts every one of these; where the expansion cannot commute with the group it says
+    # so (a note). Where it says nothing, turning the *original* digit must leave the logits unchanged.
+    from sbsearch.data import input_pipeline
+    from sbsearch.spec import data_options, spec_notes
+    from sbsearch.strategies import input_expansion
+
+    spec = _spec(expansion={"factor": factor, "fill": 0.5, "layout": layout, "offset": offset, "stem": stem},
+                 equivariance={"how": "layers", "where": "all", "group": group}, norm={"kind": norm})
+    split, desc = _trial(spec)
+    from sbsearch.space import config_from_params
+    from sbsearch.trial import _base_split
+
+    base = _base_split("digits", 0.25, 0, data_options(spec.data))
+    pipeline = input_pipeline(base, input_expansion(config_from_params(spec, {}).all_settings()))
+    x = base.x_val[:6]  # (6, 1, 8, 8) raw digits
+    model = build_model(desc, seed=0).eval()
+    notes = spec_notes(spec)
+    with torch.no_grad():
+        reference = model(pipeline(x))
+        errors = [float((model(pipeline(act_on_image(group, g, x))) - reference).abs().max())
+                  for g in range(GROUPS[group].order)]
+    if notes:
+        assert len(notes) == 1 and "space.equivariance.where" in notes[0]
+        # The note is true: the expansion does not commute with the group.
+        g = 1
+        assert not torch.equal(pipeline(act_on_image(group, g, x)), act_on_image(group, g, pipeline(x)))
+    else:
+        assert max(errors) < 1e-4, f"logits moved by {max(errors):.3g} when the original image turned"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -11,10 +13,12 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from sbsearch.pruning import (
+    PRUNERS,
     CombinedRule,
     HyperbandRule,
     MedianRule,
     PeerTrial,
+    PruningRule,
     SuccessiveHalvingRule,
     WassersteinRule,
     learned_sign,
@@ -147,18 +151,41 @@ def test_combined_rule_predicts_the_final_metric_from_metric_and_score() -> None
     assert "sb_score" not in reason and reason.endswith("*val_accuracy)")
 
 
-def test_make_rule_passes_the_options_each_rule_takes() -> None:
-    rule = make_rule("wasserstein", ACC, "maximize", 1, quantile=0.25, score_direction="high_is_good", alpha=0.1)
-    assert isinstance(rule, WassersteinRule) and rule.quantile == 0.25 and rule.alpha == 0.1
-    assert isinstance(make_rule("hyperband", ACC, "maximize", 1, epochs=27), HyperbandRule)
-    assert make_rule("none", ACC, "maximize", 1).decide(5, {ACC: 0.0}, [0.9] * 5) is None
+# Every option of make_rule away from its default, and which of them each rule must receive.
+OPTIONS: dict[str, Any] = {"epochs": 27, "reduction_factor": 2, "quantile": 0.25, "score_direction": "high_is_good",
+                           "fallback": "none", "alpha": 0.1, "min_finished": 7, "combined_score": False}
+TAKES: dict[str, dict[str, object]] = {
+    "none": {},
+    "median": {},
+    "successive_halving": {"reduction_factor": 2},
+    "hyperband": {"reduction_factor": 2, "epochs": 27},
+    "wasserstein": {"quantile": 0.25, "score_direction": "high_is_good", "fallback": "none", "alpha": 0.1,
+                    "min_finished": 7},
+    "combined": {"quantile": 0.25, "fallback": "none", "min_finished": 7, "use_score": False},
+}
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_make_rule_passes_the_options_each_rule_takes(name: str) -> None:
+    rule = make_rule(name, "val_mse", "minimize", 4, **OPTIONS)
+    assert type(rule) is PRUNERS[name]
+    assert (rule.metric, rule.direction, rule.warmup_epochs) == ("val_mse", "minimize", 4)
+    # Each option the rule has arrives; a rule that gains an option fails here until it is passed on.
+    own = {f.name: getattr(rule, f.name) for f in fields(rule) if f.name not in {f.name for f in fields(PruningRule)}}
+    assert own == TAKES[name]
+
+
+def test_no_pruning_never_prunes() -> None:
+    rule = make_rule("none", ACC, "maximize", 0)
+    assert rule.decide(5, {ACC: 0.0, "sb_score": 9.9}, [done(i, {5: (0.9, 0.1)}, 0.9) for i in range(5)]) is None
 
 
 # --- real sweeps ---------------------------------------------------------------------------------
 
 
-def _pruned_everywhere(out: Path, raw: dict[str, object], trials: int, prefix: str) -> int:
-    """Records agree, and every pruned trial carries the rule's reason in Optuna, MLflow and trials.csv."""
+def _pruned_everywhere(out: Path, raw: dict[str, object], trials: int) -> list[str]:
+    """Records agree, and every pruned trial carries the same reason in Optuna, MLflow and trials.csv;
+    the reasons, in trial order."""
     check_records_agree(out, raw, trials)
     spec = parse_spec(raw)
     with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
@@ -168,31 +195,39 @@ def _pruned_everywhere(out: Path, raw: dict[str, object], trials: int, prefix: s
             client.search_runs([client.get_experiment_by_name(spec.name).experiment_id]) if "sbsearch.trial_number" in r.data.tags}
     study = optuna.load_study(study_name=spec.name, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
-    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    for t in pruned:
+    reasons = []
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.PRUNED:
+            continue
         reason = t.user_attrs["sbsearch.record"]["reason"]
-        assert reason.startswith(prefix), reason
         assert rows[t.number]["state"] == "PRUNED" and rows[t.number]["reason"] == reason
         assert runs[t.number].data.tags["sbsearch.state"] == "PRUNED"
         assert runs[t.number].data.tags["sbsearch.reason"] == reason
-    return len(pruned)
+        reasons.append(reason)
+    return reasons
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pruner, options, prefix", [
-    # A fixed direction prunes as soon as 3 peers reached the epoch.
-    ("wasserstein", {"score_direction": "high_is_good"}, "wasserstein:"),
-    # The least-squares fit needs min_finished completed trials; the median rule stands in before.
-    ("combined", {"min_finished": 3}, ""),
-    ("hyperband", {}, "hyperband"),
+@pytest.mark.parametrize("pruner, options, own, fallback", [
+    # A fixed direction prunes as soon as 3 peers reached the epoch, with no fallback.
+    ("wasserstein", {"score_direction": "high_is_good"}, "wasserstein:", None),
+    # The least-squares fit needs min_finished completed trials; the median rule stands in before,
+    # saying so. The fit itself must prune at least once, or the sweep tests only its fallback.
+    ("combined", {"min_finished": 3}, "combined:", "median:"),
+    ("hyperband", {}, "hyperband (bracket", None),
 ])
 def test_a_real_sweep_prunes_with_the_rules_reason(tmp_path: Path, pruner: str, options: dict[str, object],
-                                                   prefix: str) -> None:
+                                                   own: str, fallback: str | None) -> None:
     raw = tiny_spec_dict(search__trials=8, train__epochs=3, search__pruner=pruner, search__warmup_epochs=1,
                          search__prune_quantile=0.75, train__replicas=2, data__val_fraction=0.5,
                          **{f"search__{k}": v for k, v in options.items()})
     run_sweep(parse_spec(raw), tmp_path / "out", console=Console(file=open("/dev/null", "w")))
-    assert _pruned_everywhere(tmp_path / "out", raw, 8, prefix) >= 1
+    reasons = _pruned_everywhere(tmp_path / "out", raw, 8)
+    assert any(r.startswith(own) for r in reasons), reasons
+    for reason in reasons:
+        # A fallback's reason names the rule it stands in for: "median: ...; combined: 2 of 3 ... needed".
+        by_fallback = fallback is not None and reason.startswith(fallback) and f"; {own}" in reason
+        assert reason.startswith(own) or by_fallback, reason
 
 
 def test_optuna_peers_show_running_trials_epochs_and_completed_finals(tmp_path: Path) -> None:

@@ -73,11 +73,11 @@ def _cases() -> tuple[list[Any], list[Any]]:
                             space["expansion"]["factor"] = value = 2  # 3x32x32 at K = 3 costs 9x; K = 2 shows the same
                         label = f"{arch}-{kind}-{sname}.{knob.name}={value}"
                         try:
-                            parse_spec(tiny_spec_dict(**_spec_changes(arch, kind, space)))
+                            spec = parse_spec(tiny_spec_dict(**_spec_changes(arch, kind, space)))
                         except SpecError as exc:
                             rejected.append(pytest.param(arch, kind, space, str(exc), id=label))
                             continue
-                        desc, x_shape = _describe(arch, kind, space)
+                        desc, x_shape = _describe(arch, kind, space, spec.train.optimizer)
                         accepted.setdefault(desc, pytest.param(desc, x_shape, id=label))
     return list(accepted.values()), rejected
 
@@ -89,14 +89,15 @@ def _settings(space: dict[str, dict[str, object]]) -> dict[str, dict[str, object
     return out
 
 
-def _describe(arch: str, kind: str, space: dict[str, dict[str, object]]) -> tuple[ModelDesc, tuple[int, ...]]:
+def _describe(arch: str, kind: str, space: dict[str, dict[str, object]],
+              optimizer: str) -> tuple[ModelDesc, tuple[int, ...]]:
     shape = INPUTS[kind][1]
     settings = _settings(space)
     nan = torch.full((1, *shape), math.nan)
     constants = torch.nan_to_num(expand(nan, settings["expansion"])[0], nan=0.0)
     plain = ModelDesc(arch, shape, 3, width=4, depth=2)
     x_shape = tuple(expand(torch.zeros(1, *shape), input_expansion(settings)).shape[1:])
-    return describe_model(plain, settings, constants), x_shape
+    return describe_model(plain, settings, constants, optimizer), x_shape
 
 
 ACCEPTED, REJECTED = _cases()

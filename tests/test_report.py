@@ -124,13 +124,14 @@ def test_difference_interval_is_welch() -> None:
 
 # --- control flags on synthetic trials ------------------------------------------------------------
 def _trial(number: int, value: float, factor: int = 1, layout: str = "grid", width_matched: bool = False,
-           bias: Any = 1.0) -> TrialData:
+           bias: Any = 1.0, scale: Any = 1.0) -> TrialData:
     params = {"expansion.factor": factor, "expansion.layout": layout, "controls.width_matched": width_matched,
-              "controls.bias_lr_multiplier": bias}
+              "controls.bias_lr_multiplier": bias, "controls.bias_scale": scale}
     return TrialData(number, "COMPLETE", params, {"val_accuracy": value}, epochs_run=3)
 
 
-KNOBS = ["expansion.factor", "expansion.layout", "controls.width_matched", "controls.bias_lr_multiplier"]
+KNOBS = ["expansion.factor", "expansion.layout", "controls.width_matched", "controls.bias_lr_multiplier",
+         "controls.bias_scale"]
 
 
 def _checks(trials: list[TrialData], direction: str = "maximize") -> dict[str, Any]:
@@ -157,6 +158,22 @@ def test_the_flag_threshold_is_a_share_of_the_gain() -> None:
     assert _checks(trials)["bias_lr"].reproduces is True
 
 
+def test_a_bias_scale_control_that_reproduces_the_gain_is_flagged() -> None:
+    # 1-D function fit, val_mse: the expansion lowers it by 0.1, the bias-scale control by 0.08.
+    trials = [_trial(0, 0.30), _trial(1, 0.20, factor=5), _trial(2, 0.22, factor=5, scale="auto"),
+              _trial(3, 0.29, factor=5, bias="auto"), _trial(4, 0.10, factor=5, bias="auto", scale="auto")]
+    checks = _checks(trials, direction="minimize")
+    scale, bias = checks["bias_scale"], checks["bias_lr"]
+    assert scale.gain.mean == pytest.approx(0.1) and scale.control_gain.mean == pytest.approx(0.08)
+    assert scale.reproduces is True and "REPRODUCES" in scale.verdict
+    assert bias.control_gain.mean == pytest.approx(0.01) and bias.reproduces is False  # trial 4 is in neither
+    # A fixed scale on the unexpanded input is the control too; on an expanded input it is neither.
+    trials[2] = _trial(2, 0.22, scale=13.6)
+    trials.append(_trial(5, 0.0, factor=5, scale=13.6))
+    again = _checks(trials, direction="minimize")["bias_scale"]
+    assert again.gain.mean == pytest.approx(0.1) and again.control_gain.mean == pytest.approx(0.08)
+
+
 def test_no_gain_means_nothing_to_explain_and_direction_is_respected() -> None:
     worse = [_trial(0, 0.9), _trial(1, 0.8, factor=2), _trial(2, 0.85, factor=2, layout="upsample")]
     assert _checks(worse)["upsample"].reproduces is None
@@ -169,7 +186,7 @@ def test_controls_are_offered_only_where_the_spec_has_their_knob() -> None:
     trials = [_trial(0, 0.8), _trial(1, 0.9, factor=2)]
     names = {c.name for c in check_controls(trials, "val_accuracy", "maximize", ["expansion.factor", "expansion.layout"])}
     assert names == {"upsample"}
-    assert set(CONTROLS) == {"upsample", "width_matched", "bias_lr"}
+    assert set(CONTROLS) == {"upsample", "width_matched", "bias_lr", "bias_scale"}
     # A sweep that never expanded its input has no gain for any control to explain.
     assert check_controls([_trial(0, 0.8)], "val_accuracy", "maximize", KNOBS) == []
 

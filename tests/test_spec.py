@@ -137,3 +137,55 @@ def test_reference_covers_every_key_and_readme_lists_it() -> None:
 def test_resolved_spec_round_trips_through_yaml() -> None:
     spec = parse_spec(tiny_spec_dict())
     assert parse_spec(yaml.safe_load(yaml.safe_dump(spec_to_dict(spec)))) == spec
+
+
+def test_vectors_default_to_the_centred_expansion_and_images_keep_theirs() -> None:
+    import torch
+
+    from sbsearch.strategies import expand
+
+    vector = parse_spec({"data": {"dataset": "fn_smooth"}, "model": {"name": "mlp"}, "space": {"expansion": {"factor": 5}}})
+    image = parse_spec({"space": {"expansion": {"factor": 2}}})
+    settings = {p.knob: p.values[0] for p in vector.space if p.strategy == "expansion"}
+    assert (settings["layout"], settings["offset"], settings["fill_space"]) == ("grid", "center", "normalized")
+    c = float(settings["fill"])
+    assert expand(torch.tensor([[7.0]]), settings).tolist() == [[c, c, 7.0, c, c]]  # the 1-D study's [c, c, x, c, c]
+    assert (image.param("expansion.offset").values[0], image.param("expansion.fill_space").values[0]) == ("start", "raw")
+
+
+def test_raw_fill_space_is_refused_for_normalised_vector_data() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec({"data": {"dataset": "wine"}, "model": {"name": "mlp"},
+                    "space": {"expansion": {"factor": 2, "fill_space": "raw"}}})
+    assert [str(p) for p in err.value.problems] == [
+        "space.expansion.fill_space: raw places the constant in raw input units, which normalised vector data does not "
+        "have (each feature is standardised on its own); use normalized, or data.normalize: false, but got 'raw'"]
+    parse_spec({"data": {"dataset": "wine", "normalize": False}, "model": {"name": "mlp"},
+                "space": {"expansion": {"factor": 2, "fill_space": "raw"}}})
+
+
+def test_val_and_test_fractions_must_leave_training_data() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec({"data": {"val_fraction": 0.5, "test_fraction": 0.5}})
+    assert str(err.value.problems[0]).startswith("data.test_fraction: must leave training data")
+    parse_spec({"data": {"dataset": "fn_smooth", "val_fraction": 0.5, "test_fraction": 0.5}, "model": {"name": "mlp"}})
+
+
+def test_validate_notes_an_expansion_that_breaks_the_invariance_of_all_group_layers(capsys: pytest.CaptureFixture[str],
+                                                                                    tmp_path: Any) -> None:
+    import yaml
+
+    from sbsearch.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"space": {"expansion": {"factor": [1, 2]}, "equivariance": {"how": "layers"}}}))
+    assert main(["validate", str(path)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: space.equivariance.where: all makes the logits invariant to rotating the expanded input, "
+                     "not the original image, when grid layout with factor 2 puts each pixel at the first position of "
+                     "its 2x2 cell, which a rotation moves to another position (only offset: center with an odd factor "
+                     "keeps it) (the constants then break the symmetry the layers build)"]
+    path.write_text(yaml.safe_dump({"space": {"expansion": {"factor": [1, 3], "offset": "center"},
+                                              "equivariance": {"how": "layers"}}}))
+    assert main(["validate", str(path)]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -9,6 +9,7 @@ import io
 import math
 import re
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +51,37 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _as_console_script(argv: list[str]) -> tuple[int, str, str]:
+    """What ``sbsearch <argv>`` gives a user: (exit code, stdout, stderr).
+
+    The console script is ``sys.exit(main())``, so an exception that escapes ``main`` reaches the
+    interpreter, which prints its traceback and exits 1; this prints it the same way, so that the
+    traceback is what the checks below see (``main`` itself never prints one).
+    """
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own exits print their message, no traceback
+            code = exc.code if isinstance(exc.code, int) else 1
+        except Exception:  # noqa: BLE001 - any exception that escapes is what the user would see
+            traceback.print_exc()
+            code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
 def _check(text: str) -> None:
     TRIED["count"] += 1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
-        err, out = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = main(["validate", str(path)])
-    lines = err.getvalue().splitlines()
-    assert "Traceback" not in err.getvalue()
+        code, stdout, stderr = _as_console_script(["validate", str(path)])
+    assert "Traceback" not in stderr, f"{text!r} gives a traceback:\n{stderr}"
+    lines = stderr.splitlines()
     if code == 0:
-        assert not lines and "# search space:" in out.getvalue()
+        assert not lines and "# search space:" in stdout
     else:
-        assert code == 2, (code, err.getvalue())
+        assert code == 2, (code, stderr)
         assert lines and all(LINE.match(line) for line in lines), lines
 
 
@@ -87,12 +105,11 @@ def test_malformed_yaml_gives_one_line(text: str) -> None:
 def test_non_finite_numbers_are_refused_everywhere(value: float) -> None:
     raw = tiny_spec_dict(space__expansion__fill=value, train__lr=value)
     TRIED["count"] += 1
-    err = io.StringIO()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.yaml"
         path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-        code = main(["validate", str(path)])
+        code, _, stderr = _as_console_script(["validate", str(path)])
     if math.isfinite(value) and value > 0:
-        assert code == 0
+        assert code == 0, stderr
     else:
-        assert code == 2 and "error: train.lr:" in err.getvalue()
+        assert code == 2 and "error: train.lr:" in stderr, stderr

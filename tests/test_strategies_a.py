@@ -77,13 +77,24 @@ def test_frozen_entries_never_change_during_training(digits: Any, replicas: int,
             assert not torch.equal(trained[name][~mask], before.detach()[~mask]), f"{name} did not train"
 
 
-def test_fraction_zero_changes_nothing() -> None:
+def test_fraction_zero_leaves_the_description_alone() -> None:
     plain = ModelDesc("mlp", (1, 8, 8), 10)
-    desc = apply_model_edits(plain, settings(asymmetry__fraction=0.0))
-    assert desc == plain
-    a, b = build_model(desc, seed=1), build_model(plain, seed=1)
-    assert not any(name.endswith(FROZEN_MASK) for name, _ in a.named_buffers())
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert apply_model_edits(plain, settings(asymmetry__fraction=0.0)) == plain
+
+
+def test_a_fraction_too_small_for_one_entry_per_unit_freezes_nothing() -> None:
+    # round(fraction * fan_in) entries per unit: 0.004 * 64 and 0.004 * 16 both round to 0.
+    plain = ModelDesc("mlp", (1, 8, 8), 10)
+    desc = apply_model_edits(plain, settings(asymmetry__fraction=0.004))
+    assert desc == replace(plain, frozen_fraction=0.004)
+    tiny, reference = build_model(desc, seed=1), build_model(plain, seed=1)
+    assert tiny.state_dict().keys() == reference.state_dict().keys(), "no frozen-entry buffers"
+    assert all(torch.equal(tiny.get_parameter(name), p) for name, p in reference.named_parameters())
+    # No entry's gradient is masked either: every weight trains as in the plain network.
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for model in (tiny, reference):
+        model(x).square().sum().backward()
+    assert all(torch.equal(tiny.get_parameter(name).grad, p.grad) for name, p in reference.named_parameters())
 
 
 # --- controls: the bias learning-rate multiplier --------------------------------------------------

@@ -133,3 +133,179 @@ def test_a_sweep_begun_again_in_a_recreated_folder_gets_its_own_parent_run(tmp_p
     third = run_sweep(parse_spec(tiny_spec_dict(search__trials=2, train__epochs=1)), tmp_path / "out",
                       tracking_uri=uri, console=quiet)
     assert third.parent_run_id == second.parent_run_id
+
+
+# --- the fixed schedule: the same spec gives the same sweep at any parallel ----------------------------------
+
+
+def _schedule_run(raw: dict[str, Any], lag: int, finish_order: list[int]) -> dict[int, dict[str, Any]]:
+    """Drive the fixed schedule over a real in-memory study, finishing trials in ``finish_order`` (as
+    workers of different speeds would): each slot is sampled as soon as its turn has come."""
+    from sbsearch.backends.optuna import _Chosen, _OptunaSuggest, _turn_has_come, sample_on_replay
+    from sbsearch.space import sample_config
+
+    spec = parse_spec(raw)
+    names = {p.name for p in spec.searched}
+    study = optuna.create_study(direction="maximize")
+    held: dict[int, Any] = {}
+    running: dict[int, Any] = {}
+    pending = list(finish_order)
+    while len(held) < spec.search.trials:
+        slot = len(held)
+        frozen = {n: study.trials[t.number] for n, t in held.items()}
+        if _turn_has_come(frozen, slot, lag, names):
+            study.sampler = _Chosen(sample_on_replay(spec, "maximize", frozen, slot, lag))
+            trial = study.ask()
+            sample_config(spec, _OptunaSuggest(trial))
+            held[slot] = running[slot] = trial
+            continue
+        # Not its turn: the next trial in finish_order that is running finishes (its value a function of its params).
+        done = next(n for n in pending if n in running)
+        pending.remove(done)
+        trial = running.pop(done)
+        study.tell(trial, float(trial.params.get("dropout.rate", 0.0)) + (trial.params["norm.kind"] == "batch"))
+    return {n: dict(t.params) for n, t in held.items()}
+
+
+def test_fixed_schedule_samples_from_what_the_schedule_says_not_from_timing() -> None:
+    raw = tiny_spec_dict(search__trials=10, search__sampler="tpe", space__dropout__rate={"low": 0.0, "high": 0.5})
+    in_order = _schedule_run(raw, 2, list(range(10)))
+    # Slot 1 is slow: 2 and 3 finish before it (and 3 before 2), and later ones overtake each other too.
+    overtaken = _schedule_run(raw, 2, [0, 3, 2, 1, 5, 4, 6, 8, 7, 9])
+    assert overtaken == in_order
+    # TPE's startup (4 trials here) is over: later slots are proposed from what finished, yet still agree.
+    assert len({p["dropout.rate"] for p in in_order.values()}) == 10
+    # Another lag is another schedule: slot 5 sees slots 0..4 instead of 0..3.
+    assert _schedule_run(raw, 1, list(range(10))) != in_order
+
+
+def test_replay_shows_finished_slots_with_values_and_later_ones_running_without() -> None:
+    from sbsearch.backends.optuna import replay_study
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.1, 0.2, 0.3):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        trial.report(value, 1)
+        study.tell(trial, value)
+    held = dict(enumerate(study.trials))
+    replay = replay_study("maximize", held, 3, 2)  # slot 3 sees slots 0 and 1 finished; slot 2 runs
+    assert [t.state.name for t in replay.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
+    assert [t.value for t in replay.trials] == [0.1, 0.2, None]
+    assert replay.trials[2].params == study.trials[2].params and not replay.trials[2].intermediate_values
+    assert replay.trials[1].intermediate_values == {1: 0.2}
+
+
+def test_fixed_schedule_waits_for_earlier_slots_and_their_values() -> None:
+    from sbsearch.backends.optuna import _turn_has_come
+
+    study = optuna.create_study(direction="maximize")
+    finished = study.ask()
+    finished.suggest_float("x", 0, 1)
+    study.tell(finished, 0.5)
+    with_values = study.ask()
+    with_values.suggest_float("x", 0, 1)
+    study.ask()  # claimed, values not drawn yet
+    t = study.trials
+    assert _turn_has_come({0: t[0], 1: t[1]}, 2, 2, {"x"})  # slot 0 finished, slot 1 has its values
+    assert not _turn_has_come({0: t[0], 1: t[1]}, 2, 1, {"x"})  # lag 1: slot 1 must have finished
+    assert not _turn_has_come({0: t[0], 1: t[1], 2: t[2]}, 3, 2, {"x"})  # slot 1 running, and 1 <= 3 - 2
+    assert not _turn_has_come({0: t[0], 1: t[1], 2: t[2]}, 3, 3, {"x"})  # slot 2 has no values yet
+    assert not _turn_has_come({0: t[0], 2: t[2]}, 3, 3, {"x"})  # nobody holds slot 1
+
+
+def test_grid_under_the_fixed_schedule_gives_each_cell_once() -> None:
+    raw = tiny_spec_dict(search__sampler="grid", search__trials=8)
+    params = _schedule_run(raw, 3, [0, 2, 1, 4, 3, 5, 7, 6])
+    assert len({tuple(sorted(p.items())) for p in params.values()}) == 8
+
+
+def _rows_without_timing(out: Path) -> list[dict[str, str]]:
+    with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: v for k, v in row.items() if k not in ("seconds", "mlflow_run_id")} for row in rows]
+
+
+@pytest.mark.slow
+def test_two_runs_at_parallel_2_give_the_same_sweep(tmp_path: Path) -> None:
+    raw = tiny_spec_dict(search__trials=8, search__parallel=2, search__sampler="tpe", search__pruner="median",
+                         search__warmup_epochs=1, train__epochs=3, space__dropout__rate={"low": 0.0, "high": 0.5})
+    quiet = Console(file=open("/dev/null", "w"))
+    first = run_sweep(parse_spec(raw), tmp_path / "a", console=quiet)
+    second = run_sweep(parse_spec(raw), tmp_path / "b", console=quiet)
+    assert _rows_without_timing(tmp_path / "a") == _rows_without_timing(tmp_path / "b")
+    # The sweep exercised what could make runs differ: TPE past its startup (4) and the pruning rule.
+    assert {r.state for r in first.records} >= {"COMPLETE", "PRUNED"}, [r.state for r in first.records]
+    assert len(second.records) == 8
+
+
+# --- the held-out test split: chosen on validation, measured on test -------------------------------
+
+def test_trainer_measures_the_test_split_once_and_never_reports_it() -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from sbsearch.data import load_dataset, prepare
+    from sbsearch.strategies import STRATEGIES, ModelDesc
+    from sbsearch.trainer import TrainPlan, train
+
+    split = prepare(load_dataset("digits", 0.25, 0), STRATEGIES["expansion"].defaults())
+    assert split.x_test is not None and split.y_test is not None
+    desc = ModelDesc("small_cnn", (1, 8, 8), 10, width=4, depth=1)
+    plan = TrainPlan(epochs=2, replicas=2, batch_size=128, lr=0.01)
+    reported: list[dict[str, float]] = []
+    result = train(split, desc, plan, lambda epoch, metrics: reported.append(dict(metrics)) is not None)
+    assert set(result.test) == {"test_accuracy", "test_accuracy_std", "test_loss"}
+    assert not any(key.startswith("test_") for metrics in reported for key in metrics)
+    # It is the test split that is measured: the validation split in its place gives the validation numbers.
+    as_val = train(replace(split, x_test=split.x_val, y_test=split.y_val), desc, plan)
+    assert as_val.test["test_accuracy"] == pytest.approx(as_val.final["val_accuracy"])
+    assert as_val.test["test_loss"] == pytest.approx(as_val.final["val_loss"])
+    shuffled = replace(split, y_test=split.y_test[torch.randperm(len(split.y_test), generator=torch.Generator().manual_seed(0))])
+    assert train(shuffled, desc, plan).test["test_accuracy"] < result.test["test_accuracy"] - 0.2
+    # A trial stopped early is not a candidate: nothing is measured.
+    assert train(split, desc, plan, lambda epoch, metrics: True).test == {}
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_shows_test_numbers_for_the_top_five_chosen_on_validation(tmp_path: Path) -> None:
+    import io
+    import math
+
+    raw = tiny_spec_dict(search__trials=7, train__replicas=2,
+                         space={"expansion": {"factor": [1, 2], "fill": [0.0, 0.5]}, "norm": {"kind": ["none", "batch"]},
+                                "dropout": {"rate": {"low": 0.0, "high": 0.5}}})
+    out = tmp_path / "out"
+    console = Console(file=io.StringIO(), width=200)
+    result = run_sweep(parse_spec(raw), out, console=console)
+    from sbsearch.sweep import print_summary
+
+    print_summary(result, console)
+    with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(complete) >= 6
+    ranked = sorted(complete, key=lambda r: (-float(r["val_accuracy"]), int(r["number"])))
+    chosen = {int(r["number"]): rank for rank, r in enumerate(ranked[:5], start=1)}
+    for row in rows:
+        number = int(row["number"])
+        if number in chosen:
+            assert int(row["heldout_rank"]) == chosen[number]
+            assert 0.0 <= float(row["test_accuracy"]) <= 1.0 and float(row["test_accuracy_std"]) >= 0.0
+        else:
+            assert row["heldout_rank"] == row["test_accuracy"] == row["test_loss"] == ""
+    # Test numbers of their own, not the validation numbers copied.
+    assert any(not math.isclose(float(r["test_accuracy"]), float(r["val_accuracy"])) for r in ranked[:5])
+    parent, children = _runs(f"sqlite:///{out / 'mlflow.db'}", "tiny")
+    with_test = {int(c.data.tags["sbsearch.trial_number"]): c for c in children if "test_accuracy" in c.data.metrics}
+    assert set(with_test) == set(chosen)
+    for number, child in with_test.items():
+        row = next(r for r in rows if int(r["number"]) == number)
+        assert child.data.metrics["test_accuracy"] == pytest.approx(float(row["test_accuracy"]))
+        assert child.data.tags["sbsearch.heldout_rank"] == str(chosen[number])
+    best = ranked[0]
+    assert parent.data.metrics["best_test_accuracy"] == pytest.approx(float(best["test_accuracy"]))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "chosen on validation (val_accuracy), measured on test" in text
+    assert f"held-out test_accuracy = {float(best['test_accuracy']):.4f}" in text

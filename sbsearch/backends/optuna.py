@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -64,30 +64,50 @@ def storage_path(out_dir: Path) -> Path:
     return out_dir / "optuna.journal"
 
 
-def _sampler(spec: Spec, worker: int, existing: int = 0) -> optuna.samplers.BaseSampler:
-    # Each worker process has its own sampler; the same seed in each would make them propose the
-    # same configurations in lockstep, so the worker's index and the trials already in the study
-    # (which differ on resume) are mixed into the seed.
-    # (A sum such as worker + existing would let two workers collide on one seed.)
-    seed = int(np.random.SeedSequence([spec.seed, worker, existing]).generate_state(1)[0])
+def _sampler(spec: Spec, first: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded by the spec's seed and ``first``, the trial it samples first.
+
+    The Optuna backend makes a fresh one for every trial, so trial n's values depend on
+    (seed, n) and the trials it sees, never on which worker asked or when.
+    """
+    if spec.search.sampler == "grid":
+        # The grid sampler shuffles the grid with its seed and gives trial n the n-th cell: every
+        # trial of the sweep must see the same order, or cell n would differ from trial to trial.
+        grid_seed = int(np.random.SeedSequence([spec.seed]).generate_state(1)[0])
+        return optuna.samplers.GridSampler(grid_values(spec) or {"_": [0]}, seed=grid_seed)
+    seed = int(np.random.SeedSequence([spec.seed, first]).generate_state(1)[0])
     if spec.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if spec.search.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_values(spec) or {"_": [0]}, seed=seed)
     startup = min(10, max(4, spec.search.trials // 4))
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                      warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
 
 
-def open_study(spec: Spec, out_dir: Path, direction: str, worker: int = 0) -> optuna.Study:
-    """Create or load the sweep's study in the journal file under ``out_dir``; its sampler is seeded
-    by the spec's seed, the worker's index and the number of trials the study already holds."""
+class _Chosen(optuna.samplers.BaseSampler):
+    """Gives the stored trial the values already chosen for it on the replay study (nothing while it
+    only holds its place in the schedule): what the sweep's storage records is what was sampled."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values = dict(values)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+        assert param_name in self.values, f"{param_name} was not sampled on the replay study"
+        return self.values[param_name]
+
+
+def open_study(spec: Spec, out_dir: Path, direction: str) -> optuna.Study:
+    """Create or load the sweep's study in the journal file under ``out_dir``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(storage_path(out_dir))))
     study = optuna.create_study(storage=storage, study_name=spec.name, direction=direction,  # type: ignore[arg-type]
                                 load_if_exists=True)
-    study.sampler = _sampler(spec, worker, len(study.get_trials(deepcopy=False)))
+    study.sampler = _sampler(spec, len(study.get_trials(deepcopy=False)))
     if study.direction.name.lower() != direction:
         raise SbsearchError(f"--out: the study {spec.name!r} in {out_dir} must {direction} its metric, but it was "
                             f"created to {study.direction.name.lower()}; use another --out or name")
@@ -130,20 +150,99 @@ def _tell(study: optuna.Study, trial: optuna.Trial | int, value: float | None = 
 _HISTORY = "sbsearch.history"  # a running trial's metrics after each epoch, so that rules can see them
 
 
+def _as_peer(t: FrozenTrial, metric: str, number: int | None = None) -> PeerTrial:
+    """A trial as the pruning rule sees it, under ``number`` when given (its slot in the fixed schedule)."""
+    stored = t.user_attrs.get(_RECORD)
+    history = stored["history"] if stored and stored.get("history") else t.user_attrs.get(_HISTORY, [])
+    curve = {epoch + 1: dict(metrics) for epoch, metrics in enumerate(history)}
+    for epoch, value in t.intermediate_values.items():  # a trial recorded without its history
+        curve.setdefault(epoch, {metric: value})
+    final = t.value if t.state == TrialState.COMPLETE else None
+    return PeerTrial(t.number if number is None else number, _STATES.get(t.state, t.state.name), curve, final)
+
+
 def _peers(study: optuna.Study, exclude: int, metric: str) -> list[PeerTrial]:
     """Every other counted trial with its metrics after each epoch, for the pruning rule."""
-    peers = []
-    for t in _counted(study.get_trials(deepcopy=False)):
-        if t.number == exclude:
-            continue
-        stored = t.user_attrs.get(_RECORD)
-        history = stored["history"] if stored and stored.get("history") else t.user_attrs.get(_HISTORY, [])
-        curve = {epoch + 1: dict(metrics) for epoch, metrics in enumerate(history)}
-        for epoch, value in t.intermediate_values.items():  # a trial recorded without its history
-            curve.setdefault(epoch, {metric: value})
-        final = t.value if t.state == TrialState.COMPLETE else None
-        peers.append(PeerTrial(t.number, _STATES.get(t.state, t.state.name), curve, final))
-    return peers
+    return [_as_peer(t, metric) for t in _counted(study.get_trials(deepcopy=False)) if t.number != exclude]
+
+
+# --- the fixed schedule -----------------------------------------------------------------------------------
+# Every trial holds a slot: 0, 1, 2, ... in the order trials are claimed (a trial requeued after an
+# interruption keeps its original's). In the fixed schedule the trial in slot n is claimed only once
+# slots 0..n-lag are finished and slots n-lag+1..n-1 have their values; it samples on a replay study that
+# holds exactly those trials (the later ones as running, whatever they have done since) with a sampler
+# seeded by (seed, n), and its pruning rule sees slots 0..n-lag. So what it tries and how it is judged
+# follow from the spec alone, not from timing or from which worker runs it.
+
+_SLOT = "sbsearch.slot"
+_TURN_POLL_SECONDS = 0.1
+
+
+def _slot(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get(_SLOT, t.number))
+
+
+def _slots(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
+    """The trial holding each slot; an interrupted trial has given its slot to its requeued copy."""
+    return {_slot(t): t for t in trials if not t.user_attrs.get(_INTERRUPTED)}
+
+
+def _free_slot(held: Mapping[int, FrozenTrial]) -> int:
+    """The lowest slot that no trial holds: one an interruption freed before the trial had values, else the next."""
+    return next(n for n in range(len(held) + 1) if n not in held)
+
+
+def _turn_has_come(held: Mapping[int, FrozenTrial], slot: int, lag: int, names: set[str]) -> bool:
+    """Whether the trial in ``slot`` may sample: slots up to ``slot - lag`` finished, the later ones
+    holding every searched value (``names``)."""
+    for n in range(slot):
+        t = held.get(n)
+        if t is None:
+            return False
+        if not t.state.is_finished() and (n <= slot - lag or not names <= t.params.keys()):
+            return False
+    return True
+
+
+def _wait_for_turn(study: optuna.Study, slot: int, lag: int, names: set[str],
+                   ended: Callable[[], bool]) -> dict[int, FrozenTrial] | None:
+    """The trials in the slots before ``slot`` once its turn has come, or None if ``ended()`` first."""
+    while True:
+        held = _slots(study.get_trials(deepcopy=False))
+        if _turn_has_come(held, slot, lag, names):
+            return {n: held[n] for n in range(slot)}
+        if ended():
+            return None
+        time.sleep(_TURN_POLL_SECONDS)
+
+
+def replay_study(direction: str, held: Mapping[int, FrozenTrial], slot: int, lag: int) -> optuna.Study:
+    """An in-memory study of what the trial in ``slot`` may see, in slot order: slots up to
+    ``slot - lag`` as they finished (values, per-epoch values), the later ones as running, with their
+    parameters only. Its trial numbers are the slots, so the next trial it asks for is ``slot``."""
+    replay = optuna.create_study(direction=direction)  # type: ignore[arg-type]
+    for n in range(slot):
+        t = held[n]
+        if n <= slot - lag:
+            assert t.state.is_finished(), f"slot {n} must be finished before slot {slot} samples"
+            replay.add_trial(optuna.trial.create_trial(
+                state=t.state, value=t.value if t.state == TrialState.COMPLETE else None, params=t.params,
+                distributions=t.distributions, intermediate_values=t.intermediate_values))
+        else:
+            replay.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, params=t.params,
+                                                       distributions=t.distributions))
+    return replay
+
+
+def sample_on_replay(spec: Spec, direction: str, held: Mapping[int, FrozenTrial], slot: int, lag: int) -> dict[str, Any]:
+    """The searched values of the trial in ``slot``, drawn by a sampler seeded by (seed, slot) from
+    exactly the trials the schedule lets it see (``replay_study``)."""
+    replay = replay_study(direction, held, slot, lag)
+    replay.sampler = _sampler(spec, slot)
+    trial = replay.ask()
+    assert trial.number == slot
+    sample_config(spec, _OptunaSuggest(trial))
+    return dict(trial.params)
 
 
 _STOPPED = "sbsearch.stopped"
@@ -168,28 +267,62 @@ def stop_reason(study: optuna.Study, since: float) -> str | None:
     return str(value["reason"]) if value and value.get("since") == since else None
 
 
-def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, worker: int = 0,
-                 since: float = 0.0) -> None:
+def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, since: float = 0.0) -> None:
     """Ask for trials and run them until the budget, the deadline, a stop request or too many
     failures in a row end the sweep."""
     spec = ctx.spec
-    study = open_study(spec, ctx.out_dir, _direction(ctx), worker)
-    rule = rule_for(spec, _metric_name(ctx), _direction(ctx))
+    direction = _direction(ctx)
+    study = open_study(spec, ctx.out_dir, direction)
+    rule = rule_for(spec, _metric_name(ctx), direction)
     budget = trial_budget(spec)
+    fixed, lag = spec.search.fixed_schedule, spec.search.schedule_lag
+    names = {p.name for p in spec.searched}
+
+    def ended() -> bool:
+        return ((stop is not None and stop.is_set()) or (deadline is not None and time.time() > deadline)
+                or study.user_attrs.get(_STOPPED, {}).get("since") == since)
+
     while True:
         if stop is not None and stop.is_set():
             return
         with _file_lock(ctx.out_dir / ".claim.lock"):
-            if len(_counted(study.get_trials(deepcopy=False))) >= budget:
+            trials = study.get_trials(deepcopy=False)
+            if len(_counted(trials)) >= budget:
                 return
             if deadline is not None and time.time() > deadline:
                 return
             if study.user_attrs.get(_STOPPED, {}).get("since") == since:
                 return
-            trial = study.ask()
-            trial.set_user_attr("sbsearch.pid", os.getpid())
+            held = _slots(trials)
+            slot = _free_slot(held)
+            # A requeued trial (WAITING) goes first and has its values; a new one waits for its turn
+            # unclaimed, so that an interruption never finds a claimed trial without values.
+            requeued = any(t.state == TrialState.WAITING for t in trials)
+            ready = requeued or not fixed or _turn_has_come(held, slot, lag, names)
+            if ready:
+                # The fixed schedule gives the trial its values below, from the replay study.
+                study.sampler = _Chosen({}) if fixed else _sampler(spec, slot)
+                trial = study.ask()
+                slot = int(trial.user_attrs.get(_SLOT, slot))
+                trial.set_user_attr(_SLOT, slot)
+                trial.set_user_attr("sbsearch.pid", os.getpid())
+        if not ready:
+            time.sleep(_TURN_POLL_SECONDS)
+            continue
+        peers: list[PeerTrial] | None = None  # the fixed schedule's peers; free: whatever the study holds now
         try:
+            if fixed:
+                before = _wait_for_turn(study, slot, lag, names, ended)  # at once but for a requeued trial
+                if before is None:
+                    _mark_interrupted(ctx, study, trial.number, "the sweep ended before this trial's turn came")
+                    return
+                peers = [_as_peer(before[n], rule.metric, n) for n in range(slot - lag + 1)]
+                if "sbsearch.requeued_from" not in trial.user_attrs:
+                    study.sampler = _Chosen(sample_on_replay(spec, direction, before, slot, lag))
             config = sample_config(spec, _OptunaSuggest(trial))
+        except KeyboardInterrupt:
+            _mark_interrupted(ctx, study, trial.number, "the sweep was stopped before this trial started")
+            return
         except Exception as exc:  # the sampler itself failed: record it, do not spin
             trial.set_user_attr(_RECORD, asdict(TrialRecord(trial.number, "FAIL", {}, reason=f"sampling: {exc}")))
             _tell(study, trial, state=TrialState.FAIL)
@@ -198,13 +331,16 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
         history: list[dict[str, float]] = []
 
         def should_prune(epoch: int, metrics: Mapping[str, float], trial: optuna.Trial = trial,
-                         history: list[dict[str, float]] = history) -> str | None:
+                         history: list[dict[str, float]] = history, peers: list[PeerTrial] | None = peers,
+                         slot: int = slot) -> str | None:
             value = metrics.get(rule.metric)
             if value is not None and math.isfinite(value):
                 trial.report(value, epoch)
             # Per-layer scores stay out: peers' rules need the trial-level metrics only.
             history.append({k: v for k, v in metrics.items() if not k.startswith("sb_score.")})
             trial.set_user_attr(_HISTORY, history)
+            if peers is not None:
+                return rule.decide(epoch, metrics, peers, slot)
             return rule.decide(epoch, metrics, _peers(study, trial.number, rule.metric), trial.number)
 
         try:
@@ -229,15 +365,18 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
 
 
 def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: str) -> None:
-    """Record an unfinished trial as failed-and-interrupted and queue its configuration again, so the
-    resumed sweep re-runs it; its MLflow run is deleted, since the re-run logs a fresh one."""
+    """Record an unfinished trial as failed-and-interrupted and queue its configuration again in its
+    slot, so the resumed sweep re-runs it; its MLflow run is deleted, since the re-run logs a fresh one.
+    A trial interrupted before it had all its values gives its slot back instead."""
     frozen = study.get_trials(deepcopy=False)[number]
     storage = study._storage
-    storage.set_trial_user_attr(frozen._trial_id, _INTERRUPTED, why)
-    with contextlib.suppress(Exception):  # already finished by a racing writer
-        _tell(study, number, state=TrialState.FAIL)
-    if frozen.params:
-        study.enqueue_trial(dict(frozen.params), user_attrs={"sbsearch.requeued_from": number})
+    # Under the claim lock: no worker may take the slot between the interruption and the requeue.
+    with _file_lock(ctx.out_dir / ".claim.lock"):
+        storage.set_trial_user_attr(frozen._trial_id, _INTERRUPTED, why)
+        with contextlib.suppress(Exception):  # already finished by a racing writer
+            _tell(study, number, state=TrialState.FAIL)
+        if frozen.params and {p.name for p in ctx.spec.searched} <= frozen.params.keys():
+            study.enqueue_trial(dict(frozen.params), user_attrs={"sbsearch.requeued_from": number, _SLOT: _slot(frozen)})
     if ctx.tracking is not None and ctx.parent_run_id is not None:
         Tracker(ctx.tracking).delete_trial_runs(ctx.parent_run_id, number)
 
@@ -263,13 +402,13 @@ def _first_ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _process_worker(ctx: SweepContext, deadline: float | None, worker: int, since: float) -> None:
+def _process_worker(ctx: SweepContext, deadline: float | None, since: float) -> None:
     with contextlib.suppress(Exception):  # Linux: die with the controller, so a killed sweep leaves no orphans
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
     if os.getppid() == 1:
         return
     try:
-        _worker_loop(ctx, deadline, None, worker, since)
+        _worker_loop(ctx, deadline, None, since)
     except KeyboardInterrupt:
         pass
 
@@ -351,7 +490,7 @@ class OptunaBackend(Backend):
 
         def target() -> None:
             try:
-                _worker_loop(ctx, deadline, stop, 0, since)
+                _worker_loop(ctx, deadline, stop, since)
             except BaseException as exc:  # surfaced in the controller's thread below
                 errors.append(exc)
 
@@ -375,11 +514,9 @@ class OptunaBackend(Backend):
                           since: float) -> None:
         spawn = mp.get_context("spawn")
         procs: list[Any] = []
-        started = [0]
 
         def start_one() -> None:
-            started[0] += 1
-            p = spawn.Process(target=_process_worker, args=(ctx, deadline, started[0], since), name="sbsearch-worker", daemon=True)
+            p = spawn.Process(target=_process_worker, args=(ctx, deadline, since), name="sbsearch-worker", daemon=True)
             p.start()
             procs.append(p)
 

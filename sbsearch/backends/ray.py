@@ -432,6 +432,9 @@ class RayBackend(Backend):
     def _new_tuner(ctx: SweepContext, study: optuna.Study, trainable: Any, metric: str, direction: str,
                    path: Path) -> Any:
         spec = ctx.spec
+        # One sampler for every trial of this experiment, seeded by the spec's seed and the number of
+        # the first trial it samples. Ray runs the free schedule only (search.schedule): Tune asks the
+        # searcher whenever a slot frees up, so what a trial sees depends on timing at parallel > 1.
         search = _SweepSearch(
             functools.partial(_define_space, spec), metric=metric, mode=_MODES[direction],
             sampler=optuna_backend._sampler(spec, len(study.trials)), study_name=spec.name, storage=study._storage)

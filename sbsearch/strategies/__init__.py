@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sbsearch.strategies.asymmetry import ASYMMETRY
 from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
-from sbsearch.strategies.controls import CONTROLS, input_expansion, replaces_expansion
+from sbsearch.strategies.controls import CONTROLS, auto_bias_scale, control_values, input_expansion, replaces_expansion
 from sbsearch.strategies.dropout import DROPOUT
 from sbsearch.strategies.equivariance import EQUIVARIANCE
 from sbsearch.strategies.expansion import EXPANSION, expand
@@ -21,6 +21,8 @@ __all__ = [
     "Settings",
     "Strategy",
     "apply_model_edits",
+    "auto_bias_scale",
+    "control_values",
     "expand",
     "input_expansion",
     "replaces_expansion",

@@ -35,6 +35,18 @@ class Knob:
     high_open: bool = False
     low_open: bool = False
     presets: tuple[str, ...] = ()
+    vector_default: object = None
+    """The default for vector inputs where it differs from ``default`` (which images get); None: the same."""
+
+    def default_for(self, input_kind: str) -> object:
+        """The default for ``image`` or ``vector`` inputs."""
+        return self.vector_default if input_kind == "vector" and self.vector_default is not None else self.default
+
+    def default_words(self) -> str:
+        """The default as help text shows it (``'start' (vectors: 'center')``)."""
+        if self.vector_default is None:
+            return repr(self.default)
+        return f"{self.default!r} (vectors: {self.vector_default!r})"
 
     def rule(self) -> str:
         """The rule a value must follow, in the words of an error message."""
@@ -117,6 +129,7 @@ class ModelDesc:
     penalty_weight: float = 0.0
     frozen_fraction: float = 0.0  # share of every conv/linear weight frozen at fixed random values
     bias_lr_multiplier: float | str = 1.0  # on the first layer's bias; "auto" until resolved by the data
+    bias_scale: float | str = 1.0  # the first layer's bias enters as bias_scale * bias; "auto" as above
     # "zero" zeroes the first layer's bias after the seeded initialisation: with zero biases, constant
     # inputs are the only offset the first layer starts with (the 1-D function study's condition).
     first_bias: str = "default"

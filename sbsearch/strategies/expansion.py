@@ -76,6 +76,30 @@ def expand_vector(
     raise AssertionError(f"unknown vector layout {layout!r}")
 
 
+def why_not_rotation_symmetric(layout: str, factor: int, offset: str, side: int) -> str | None:
+    """Why expanding a square ``side`` x ``side`` image moves the constants under a 90-degree rotation or a
+    flip (so that ``expand(g.x) != g.expand(x)``), or None when the expansion commutes with them.
+
+    Rotations and flips map position p of an axis of length L to L - 1 - p. ``upsample`` always
+    commutes; ``grid`` puts pixel i at i*K + o, which maps onto the grid only when o = K - 1 - o, i.e.
+    offset ``center`` with an odd K; ``border`` commutes when its margin (side*K - side) is even.
+    """
+    if factor == 1 or layout == "upsample":
+        return None
+    if layout == "grid":
+        if offset == "center" and factor % 2 == 1:
+            return None
+        where = "the first position" if offset == "start" else f"position {factor // 2}"
+        return (f"grid layout with factor {factor} puts each pixel at {where} of its {factor}x{factor} cell, "
+                "which a rotation moves to another position (only offset: center with an odd factor keeps it)")
+    if layout == "border":
+        margin = side * factor - side
+        if margin % 2 == 0:
+            return None
+        return f"border layout with factor {factor} on {side}x{side} images leaves an odd margin ({margin}) that a rotation moves"
+    return None
+
+
 def expand(x: torch.Tensor, settings: Settings) -> torch.Tensor:
     """Apply the expansion described by ``settings`` to a batch of images or vectors."""
     factor, fill = int(settings["factor"]), float(settings["fill"])  # type: ignore[call-overload,arg-type]
@@ -126,11 +150,18 @@ EXPANSION = Strategy(
         Knob("factor", "int", 1, "expansion factor K (1 = off): N x N images become NK x NK", low=1, high=8),
         Knob("fill", "float", 0.5, "the constant at every added position (specs may write pi, 2pi, pi/2: "
              "pi was the best constant for 1-D function fits)"),
-        Knob("layout", "choice", "grid", "where the original values go", choices=VECTOR_LAYOUTS),
-        Knob("offset", "choice", "start", "grid position of the original value in each K-cell",
-             choices=("start", "center")),
-        Knob("fill_space", "choice", "raw", "fill in raw input units (then normalised) or after normalisation",
-             choices=("raw", "normalized")),
+        Knob("layout", "choice", "grid", "where the original values go. Images: grid (pixel (i, j) at (iK+o, jK+o)), "
+             "border (the image centred in a constant frame), upsample (each pixel repeated KxK: the same-size "
+             "control without constants). Vectors: grid (each feature in its own K-cell: [c, c, x, c, c] for "
+             "K = 5 with offset center), border (constants around all features: [c, c, x1, x2, c, c]), before / "
+             "after (every constant on one side), upsample (each feature repeated K times)", choices=VECTOR_LAYOUTS),
+        Knob("offset", "choice", "start", "grid position of the original value in each K-cell: the first (start) or "
+             "the middle one, K // 2 (center); vectors default to center, the centred [c, c, x, c, c] of the "
+             "1-D study", choices=("start", "center"), vector_default="center"),
+        Knob("fill_space", "choice", "raw", "fill in raw input units (then normalised with the original pixels' "
+             "statistics) or after normalisation; vectors default to normalized, and raw is refused for "
+             "normalised vector data (its features are standardised one by one, and an added position has no "
+             "feature of its own)", choices=("raw", "normalized"), vector_default="normalized"),
         Knob("stem", "choice", "none", "how the first layer meets the larger input: unchanged, "
              "strided by K, or a (2K+1) kernel", choices=("none", "stride", "kernel")),
     ),
