@@ -189,3 +189,18 @@ def test_validate_notes_an_expansion_that_breaks_the_invariance_of_all_group_lay
                                               "equivariance": {"how": "layers"}}}))
     assert main(["validate", str(path)]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_schedule_is_fixed_with_optuna_free_with_ray_and_lag_needs_the_fixed_one() -> None:
+    spec = parse_spec(tiny_spec_dict(search__parallel=3))
+    assert spec.search.fixed_schedule and spec.search.schedule_lag == 3
+    assert parse_spec(tiny_spec_dict(search__parallel=3, search__lag=1)).search.schedule_lag == 1
+    assert not parse_spec(tiny_spec_dict(search__schedule="free")).search.fixed_schedule
+    assert not parse_spec(tiny_spec_dict(search__backend="ray")).search.fixed_schedule
+    assert problems(tiny_spec_dict(search__backend="ray", search__schedule="fixed")) == [
+        ("search.schedule: needs search.backend: optuna; Ray Tune starts each trial as a slot frees up, so the ray "
+         "backend runs free (leave it null or set free), but got 'fixed'")]
+    assert problems(tiny_spec_dict(search__schedule="free", search__lag=2)) == [
+        "search.lag: applies to the fixed schedule only (search.schedule: fixed, the optuna backend), but got 2"]
+    assert problems(tiny_spec_dict(search__schedule="fixd", search__lag=0)) == [
+        "search.schedule: must be fixed, free or null, but got 'fixd'", "search.lag: must be >= 1, but got 0"]

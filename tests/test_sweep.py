@@ -81,7 +81,7 @@ def test_parallel_sweep_with_pruning_records_agree(tmp_path: Path) -> None:
                          train__epochs=3, space__dropout__rate={"low": 0.0, "high": 0.5})
     result = run_sweep(parse_spec(raw), tmp_path / "out", console=Console(file=open("/dev/null", "w")))
     assert len(result.records) == 6
-    # Each worker process samples with its own seed: workers never propose in lockstep.
+    # Each trial samples with its own seed, (seed, n): parallel trials never propose in lockstep.
     assert len({r.params["dropout.rate"] for r in result.records}) == 6
     check_records_agree(tmp_path / "out", raw, 6)
 
@@ -230,7 +230,7 @@ def _rows_without_timing(out: Path) -> list[dict[str, str]]:
 def test_two_runs_at_parallel_2_give_the_same_sweep(tmp_path: Path) -> None:
     raw = tiny_spec_dict(search__trials=8, search__parallel=2, search__sampler="tpe", search__pruner="median",
                          search__warmup_epochs=1, train__epochs=3, space__dropout__rate={"low": 0.0, "high": 0.5})
-    quiet = Console(file=open("/dev/null", "w"))
+    quiet = Console(quiet=True)
     first = run_sweep(parse_spec(raw), tmp_path / "a", console=quiet)
     second = run_sweep(parse_spec(raw), tmp_path / "b", console=quiet)
     assert _rows_without_timing(tmp_path / "a") == _rows_without_timing(tmp_path / "b")

@@ -83,8 +83,8 @@ def _sampler(spec: Spec, first: int) -> optuna.samplers.BaseSampler:
 
 
 class _Chosen(optuna.samplers.BaseSampler):
-    """Gives the stored trial the values already chosen for it on the replay study (nothing while it
-    only holds its place in the schedule): what the sweep's storage records is what was sampled."""
+    """Gives the sweep's trial the values drawn for it on the replay study (none at all while the trial
+    is being claimed), so the storage records exactly what was sampled."""
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         self.values = dict(values)
@@ -223,7 +223,8 @@ def replay_study(direction: str, held: Mapping[int, FrozenTrial], slot: int, lag
     replay = optuna.create_study(direction=direction)  # type: ignore[arg-type]
     for n in range(slot):
         t = held[n]
-        if t.state.is_finished():  # BREAK: whatever has finished by now
+        if n <= slot - lag:
+            assert t.state.is_finished(), f"slot {n} must be finished before slot {slot} samples"
             replay.add_trial(optuna.trial.create_trial(
                 state=t.state, value=t.value if t.state == TrialState.COMPLETE else None, params=t.params,
                 distributions=t.distributions, intermediate_values=t.intermediate_values))
