@@ -294,7 +294,9 @@ def test_score_layers_can_pick_any_conv_like_or_linear_weight_and_no_bias(desc: 
     model = _shape_only(desc)
     for name in _connecting_weights(model):
         assert _score_layers(model, f"^{re.escape(name)}$") == [name]
-    assert _score_layers(model, r"bias$") == []
+    # A pattern that picks nothing (biases are never scored) is an error, not a silently empty score.
+    with pytest.raises(ValueError, match=r"^train.score_layers: must match at least one scored weight .*but got 'bias\$'$"):
+        _score_layers(model, r"bias$")
 
 
 @pytest.fixture(scope="module")

@@ -548,11 +548,21 @@ class OptunaBackend(Backend):
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("sbsearch.pid") == pid:
                 reason = f"worker process died (exit code {exitcode})"
+                runs = []
+                if ctx.tracking is not None and ctx.parent_run_id is not None:
+                    tracker = Tracker(ctx.tracking)
+                    runs = tracker.runs_of_trial(ctx.parent_run_id, t.number)
+                    # A worker killed between logging an epoch to MLflow and reporting it to the study
+                    # leaves MLflow one epoch ahead: the study takes the epochs MLflow has, so the two agree.
+                    for run in runs[:1]:
+                        logged = tracker.metric_history(run.info.run_id, _metric_name(ctx))
+                        for epoch, value in logged.items():
+                            if epoch not in t.intermediate_values and math.isfinite(value):
+                                study._storage.set_trial_intermediate_value(t._trial_id, epoch, value)
+                        t = study.get_trials(deepcopy=False)[t.number]
                 # The epochs it reported are in the study (and in its MLflow run); keep the count honest.
                 record = TrialRecord(t.number, "FAIL", dict(t.params), reason=reason, epochs_run=len(t.intermediate_values))
                 study._storage.set_trial_user_attr(t._trial_id, _RECORD, asdict(record))
                 _tell(study, t.number, state=TrialState.FAIL)
-                if ctx.tracking is not None and ctx.parent_run_id is not None:
-                    tracker = Tracker(ctx.tracking)
-                    for run in tracker.runs_of_trial(ctx.parent_run_id, t.number):
-                        tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason})
+                for run in runs:
+                    tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason})
