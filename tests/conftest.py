@@ -34,6 +34,17 @@ def tiny_spec_dict(**changes: Any) -> dict[str, Any]:
     return raw
 
 
+def strategy_settings(**knobs: Any) -> dict[str, dict[str, object]]:
+    """Every strategy's defaults with ``asymmetry__fraction=0.2``-style changes."""
+    from sbsearch.strategies import STRATEGIES
+
+    out = {name: s.defaults() for name, s in STRATEGIES.items()}
+    for key, value in knobs.items():
+        strategy, knob = key.split("__")
+        out[strategy][knob] = value
+    return out
+
+
 @pytest.fixture
 def tiny_spec_file(tmp_path: Path) -> Path:
     import yaml

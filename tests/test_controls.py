@@ -23,10 +23,10 @@ from sbsearch.models import build_model, describe_model, first_layer
 from sbsearch.replicas import ReplicaStack
 from sbsearch.space import config_from_params
 from sbsearch.spec import parse_spec
-from sbsearch.strategies import STRATEGIES, ModelDesc, auto_bias_scale
+from sbsearch.strategies import ModelDesc, auto_bias_scale
 from sbsearch.trainer import TrainPlan, replica_seeds, train
 from sbsearch.trial import SweepContext, build_trial, run_trial
-from tests.conftest import tiny_spec_dict
+from tests.conftest import strategy_settings, tiny_spec_dict
 
 # One expanded 1-D sample: x at position 2, constants of both signs and one zero around it, so that
 # sum c^2 (gradient steps) and sum |c| (normalised steps) give clearly different scales.
@@ -35,13 +35,7 @@ X_AT = 2
 OTHER_RULE = {"sgd": "adam", "lbfgs": "adam", "adam": "sgd", "adamw": "sgd"}
 
 
-def settings(**knobs: Any) -> dict[str, dict[str, object]]:
-    """Default settings with ``controls__bias_scale="auto"``-style changes."""
-    out = {name: s.defaults() for name, s in STRATEGIES.items()}
-    for key, value in knobs.items():
-        strategy, knob = key.split("__")
-        out[strategy][knob] = value
-    return out
+settings = strategy_settings
 
 
 def _control_desc(optimizer: str) -> ModelDesc:

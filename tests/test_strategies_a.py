@@ -17,16 +17,9 @@ from sbsearch.spec import parse_spec
 from sbsearch.strategies import STRATEGIES, ModelDesc, apply_model_edits
 from sbsearch.trainer import TrainPlan, replica_seeds, train
 from sbsearch.trial import build_trial
-from tests.conftest import tiny_spec_dict
+from tests.conftest import strategy_settings, tiny_spec_dict
 
-
-def settings(**knobs: Any) -> dict[str, dict[str, object]]:
-    """Default settings with ``asymmetry__fraction=0.2``-style changes."""
-    out = {name: s.defaults() for name, s in STRATEGIES.items()}
-    for key, value in knobs.items():
-        strategy, knob = key.split("__")
-        out[strategy][knob] = value
-    return out
+settings = strategy_settings
 
 
 def config(**knobs: Any) -> TrialConfig:
