@@ -1,13 +1,18 @@
 """``sbsearch``: run, validate and inspect sweeps over symmetry-breaking strategies.
 
 Exit codes: 0 done, 1 a run-time problem (named in one line), 2 a bad spec or argument,
-130 interrupted (the same command resumes the sweep).
+130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM (the same command resumes the sweep).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,7 @@ from sbsearch.errors import Problem, SbsearchError, SpecError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_SIGNALLED = 128  # plus the signal's number, as a shell reports a process a signal ended (130 is SIGINT's)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,25 +54,35 @@ def _load(args: argparse.Namespace) -> Any:
         raise SpecError([Problem(f"{flags.get(p.path, p.path)}", p.rule, p.value, p.hint) for p in exc.problems]) from None
 
 
+def _load_sweep(args: argparse.Namespace) -> Any:
+    """The spec of a sweep (``run``, ``validate``): refused when it would search nothing."""
+    from sbsearch.spec import check_sweep
+
+    spec = _load(args)
+    check_sweep(spec)  # outside _load: its flag names are for keys a flag set
+    return spec
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from sbsearch.backends import SweepInterrupted
-    from sbsearch.sweep import default_out_dir, print_summary, run_sweep
+    from sbsearch.sweep import default_out_dir, prepare_out_dir, print_summary, run_sweep
 
-    spec = _load(args)
+    spec = _load_sweep(args)
     _print_notes(spec)
     console = Console()
     if not console.is_terminal:  # a log file or CI: wide lines rather than wrapped ones
         console = Console(width=160)
     out = Path(args.out) if args.out else None
+    args.log_dir = prepare_out_dir(out if out is not None else default_out_dir(spec))
     try:
         result = run_sweep(spec, out, args.tracking_uri, console)
-    except SweepInterrupted:
+    except SweepInterrupted as stopped:
         where = args.out or str(default_out_dir(spec))
         console.print(f"\nStopped. Finished trials are saved in {where}; run the same command to resume:\n"
                       f"  sbsearch {' '.join(sys.argv[1:]) if sys.argv[1:] else 'run ' + args.spec}", highlight=False)
-        return EXIT_INTERRUPTED
+        return EXIT_SIGNALLED + stopped.signum
     print_summary(result, console)
     try:  # the sweep's results are safe on disk already; a report that fails must not fail the sweep
         from sbsearch.report import write_report
@@ -85,9 +101,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sbsearch.report import write_report
 
+    _log_under(Path(args.out_dir))
     page = write_report(Path(args.out_dir), args.tracking_uri)
     print(f"Report: {page}")
     return EXIT_OK
+
+
+def _log_under(folder: Path) -> None:
+    """Send the frameworks' log lines and warnings to ``folder/sbsearch.log``, as a sweep does, when the
+    folder exists; a folder that is not there is the command's to report."""
+    from sbsearch.logs import log_to_file
+
+    if folder.is_dir():
+        with contextlib.suppress(OSError):  # a read-only folder: the lines stay on the terminal
+            log_to_file(folder)
 
 
 def _print_notes(spec: Any) -> None:
@@ -100,7 +127,7 @@ def _print_notes(spec: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from sbsearch.spec import spec_to_dict
 
-    spec = _load(args)
+    spec = _load_sweep(args)
     _print_notes(spec)
     print(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), end="")
     size = spec.space_size()
@@ -142,11 +169,12 @@ def _add_spec_args(p: argparse.ArgumentParser, run: bool) -> None:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from sbsearch.rank import check_rank_args, format_ranking, rank_configs, write_ranking
-    from sbsearch.sweep import default_out_dir
+    from sbsearch.sweep import default_out_dir, prepare_out_dir
 
     check_rank_args(args.configs, args.steps, args.subset)
     spec = _load(args)
-    out = Path(args.out) if args.out else default_out_dir(spec) / "rank"
+    out = args.log_dir = prepare_out_dir(Path(args.out) if args.out else default_out_dir(spec) / "rank")
+    _log_under(out)
 
     def progress(done: int, row: Any) -> None:
         print(f"  {done}/{args.configs}  {row.label or '(fixed)'}: sb_score={row.score:.4f}  ({row.seconds:.1f} s)",
@@ -162,8 +190,16 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_relog(args: argparse.Namespace) -> int:
     from sbsearch.sweep import relog_sweep
 
+    _log_under(Path(args.out_dir))
     written, present = relog_sweep(Path(args.out_dir), args.tracking_uri)
     print(f"relogged {written} trials to MLflow ({present} were there already)")
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from argcomplete.shell_integration import shellcode
+
+    print(shellcode(["sbsearch"], shell=args.shell))
     return EXIT_OK
 
 
@@ -174,15 +210,31 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "report": (cmd_report, "write a sweep's HTML report with plots (OUT_DIR/report/index.html) and log it to MLflow"),
     "relog": (cmd_relog, "write to MLflow the trials a sweep holds that the store missed (after it was down)"),
     "rank": (cmd_rank, "rank sampled configurations by the replica score after a few steps on part of the data"),
+    "completion": (cmd_completion, "print the shell code that completes sbsearch's commands, options and spec paths "
+                   "(bash: eval \"$(sbsearch completion bash)\")"),
 }
+# What the shell completes for each positional or option that names a path (see ``_complete``).
+_SPEC_PATHS, _FOLDERS = ("spec",), ("out", "out_dir")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sbsearch")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sbsearch", description="AutoML search over symmetry-breaking strategies.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"sbsearch {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # SUPPRESS: absent after the subcommand, --debug keeps the value it had before it.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         if name in ("run", "validate"):
             _add_spec_args(p, run=name == "run")
         if name == "relog":
@@ -201,11 +253,62 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("out_dir", help="the sweep's output folder (its --out)")
             p.add_argument("--tracking-uri", help="the sweep's MLflow store (default: the spec's, else mlflow.db "
                            "under OUT_DIR or in the working directory)")
+        if name == "completion":
+            p.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh", "powershell"),
+                           help="the shell (default bash)")
     return parser
 
 
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer the shell's completion request (``_ARGCOMPLETE`` set by ``sbsearch completion``'s code) and
+    exit; spec arguments complete to YAML files, output folders to folders."""
+    import argcomplete
+    from argcomplete.completers import DirectoriesCompleter, FilesCompleter
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for arg in sub._actions:
+                    if arg.dest in _SPEC_PATHS:
+                        setattr(arg, "completer", FilesCompleter(("yaml", "yml")))
+                    elif arg.dest in _FOLDERS:
+                        setattr(arg, "completer", DirectoriesCompleter())
+    argcomplete.autocomplete(parser)
+
+
+def _traceback_file(args: argparse.Namespace) -> Path:
+    """Where the full traceback of an unexpected error goes: the sweep's log under its output folder
+    when there is one, else a new file in the temporary folder."""
+    folder = getattr(args, "log_dir", None) or getattr(args, "out_dir", None) or getattr(args, "out", None)
+    if folder is not None and Path(folder).is_dir():
+        return Path(folder).resolve() / "sbsearch.log"
+    handle, name = tempfile.mkstemp(prefix="sbsearch-error-", suffix=".log")
+    os.close(handle)
+    return Path(name)
+
+
+def _unexpected(args: argparse.Namespace, exc: BaseException) -> None:
+    """One line for an error sbsearch did not foresee, the full traceback in a file that the line names."""
+    text = " ".join(str(exc).split())
+    text = f"{text[:200]}… ({len(text)} characters)" if len(text) > 200 else text
+    where = "nowhere (no file could be written); rerun with --debug to see it"
+    try:
+        path = _traceback_file(args)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"--- sbsearch {' '.join(sys.argv[1:])} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.write("".join(traceback.format_exception(exc)))
+        where = f"{path} (rerun with --debug to print it)"
+    except OSError:
+        pass
+    print(f"error: unexpected {type(exc).__name__}{': ' + text if text else ''}; the full traceback is in {where}",
+          file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        _complete(parser)
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][0](args)
     except SpecError as exc:
@@ -222,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # the last resort: a bug or an environment sbsearch did not foresee
+        if args.debug:
+            raise
+        _unexpected(args, exc)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

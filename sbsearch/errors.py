@@ -3,13 +3,84 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-__all__ = ["SbsearchError", "SpecError", "TrialDiverged", "Problem", "did_you_mean"]
+__all__ = ["SbsearchError", "SpecError", "TrialDiverged", "Problem", "did_you_mean", "excerpt"]
+
+# An error line echoes at most this much of a value the user wrote (a key path, a hint: a little less),
+# so that a 10 MB string or an expanded YAML alias bomb still gives one short line.
+EXCERPT_CHARS = 200
+_PATH_CHARS = 120
+_HINT_CHARS = 300
 
 
 class SbsearchError(Exception):
     """Root of every error sbsearch raises on purpose (as opposed to bugs, which are asserts)."""
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)``, or its first ``limit`` characters and how long the whole is.
+
+    Only about as much as is shown is computed, so a huge string, a deeply nested list or a list that
+    holds itself costs no more than a short one.
+
+    Example:
+        >>> excerpt("a" * 10_000_000, limit=8)
+        "'aaaaaaa…' (10000000 characters)"
+    """
+    pieces: list[str] = []
+    size = 0
+    for piece in _repr_pieces(value, limit):
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    else:
+        return "".join(pieces)
+    head = "".join(pieces)[:limit]
+    if isinstance(value, (str, bytes)):
+        quote = pieces[0][1 if isinstance(value, bytes) else 0]
+        return f"{head}…{quote} ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    if isinstance(value, (list, tuple, dict)):
+        noun = "key" if isinstance(value, dict) else "item"
+        return f"{head}… ({len(value)} {noun}{'' if len(value) == 1 else 's'})"
+    return f"{head}… ({size} characters)"
+
+
+def _repr_pieces(value: object, limit: int) -> Iterator[str]:
+    """``repr(value)`` in pieces, lazily; a string is cut after ``limit`` characters."""
+    if isinstance(value, (str, bytes)):
+        yield repr(value[: limit + 1])
+    elif isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        brackets = "[]" if isinstance(value, list) else "()"
+        yield brackets[0]
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _repr_pieces(item, limit)
+        yield "," if isinstance(value, tuple) and len(value) == 1 else ""
+        yield brackets[1]
+    elif isinstance(value, dict) and type(value) is dict:
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield from _repr_pieces(key, limit)
+            yield ": "
+            yield from _repr_pieces(item, limit)
+        yield "}"
+    else:
+        try:
+            yield repr(value)
+        except ValueError:  # an integer with more digits than Python writes out
+            assert isinstance(value, int), value
+            yield f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` with control characters escaped (one problem stays one line), cut after ``limit``."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}… ({len(text)} characters)"
 
 
 class Problem:
@@ -24,10 +95,10 @@ class Problem:
         self.hint = hint
 
     def __str__(self) -> str:
-        # A key is the user's text: control characters in it are shown escaped, so one problem stays one line.
-        path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.path)
-        text = f"{path or '<spec>'}: {self.rule}, but got {self.value!r}"
-        return f"{text} ({self.hint})" if self.hint else text
+        # The key, the value and the hint may be the user's text of any size: each is cut short, and escaped
+        # (the value by its repr) so that one problem stays one line.
+        text = f"{_one_line(self.path, _PATH_CHARS) or '<spec>'}: {self.rule}, but got {excerpt(self.value)}"
+        return f"{text} ({_one_line(self.hint, _HINT_CHARS)})" if self.hint else text
 
     def __repr__(self) -> str:
         return f"Problem({str(self)!r})"

@@ -171,6 +171,7 @@ def write_ranking(ranking: Ranking, spec: Spec, out_dir: Path, tracking_uri: str
     """``OUT/ranking.csv`` and an MLflow run with the table (``ranking.md``) and the CSV as artifacts.
 
     Returns the CSV's path and the run id (None when ``track`` is false)."""
+    out_dir = out_dir.resolve()  # artifact locations are file URIs, which a relative path cannot be
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "ranking.csv"
     searched = [p.name for p in spec.searched]

@@ -189,7 +189,8 @@ def _records_from_csv(path: Path, spec: Spec) -> list[dict[str, Any]]:
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             params = {k: _coerce(by_name[k], v) for k, v in row.items() if k in by_name and v != ""}
-            fixed = {"number", "state", "epochs_run", "seconds", "reason", "mlflow_run_id", "heldout_rank", *by_name}
+            fixed = {"number", "state", "epochs_run", "seconds", "startup_seconds", "reason", "mlflow_run_id",
+                     "heldout_rank", *by_name}
             values = {k: float(v) for k, v in row.items() if k not in fixed and v not in ("", None)}
             final = {k: v for k, v in values.items() if not k.startswith("test_")}
             test = {k: v for k, v in values.items() if k.startswith("test_")}

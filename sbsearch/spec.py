@@ -24,8 +24,8 @@ from sbsearch.strategies import STRATEGIES, Knob, ModelDesc, apply_model_edits
 
 __all__ = [
     "Spec", "DataSpec", "ModelSpec", "TrainSpec", "SearchSpec", "TrackingSpec", "RaySpec", "ParamSpec",
-    "load_spec", "parse_spec", "spec_notes", "spec_to_dict", "spec_reference", "with_overrides", "data_options",
-    "resolve_pi",
+    "load_spec", "read_spec_yaml", "parse_spec", "check_sweep", "spec_notes", "spec_to_dict", "spec_reference",
+    "with_overrides", "data_options", "resolve_pi",
 ]
 
 Rule = Callable[[Any], bool]
@@ -120,6 +120,9 @@ class SearchSpec:
                       choices=lambda: ("tpe", "random", "grid"))
     trials: int = _f(20, "finished trials the sweep aims for (completed, pruned or failed)",
                      ("must be >= 1", lambda x: x >= 1))
+    repeat: bool = _f(False, "with a space that searches no knob: run its one configuration search.trials times on "
+                             "purpose (with the same seeds: to time it, or to check that the trials agree); without it "
+                             "such a spec must set search.trials: 1")
     parallel: int = _f(1, "trials run at the same time, each in its own process",
                        ("must be between 1 and 64", lambda x: 1 <= x <= 64))
     schedule: Union[str, None] = _f(None, "what each trial's sampler and pruning rule see: fixed (trial n waits until "
@@ -318,11 +321,21 @@ def resolve_pi(value: Any) -> Any:
     return (-1 if sign else 1) * float(factor or 1) * math.pi / denominator
 
 
+def _finite_number(value: Any) -> bool:
+    """An int or float that is finite as a float (an integer past 1e308 is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number_pair(value: Any, n: int) -> tuple[bool, Any]:
     if not isinstance(value, (list, tuple)) or len(value) != n:
         return False, value
     items = [resolve_pi(v) for v in value]
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in items)
+    ok = all(_finite_number(v) for v in items)
     return ok, tuple(float(v) for v in items) if ok else value
 
 
@@ -345,7 +358,7 @@ def _type_ok(tp: Any, value: Any) -> tuple[bool, Any, str]:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value, words
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = _finite_number(value)
         return ok, float(value) if ok else value, ("a finite number" + (" or null" if optional else ""))
     return isinstance(value, str), value, words
 
@@ -385,8 +398,11 @@ def _parse_section(cls: type, raw: Any, path: str, problems: list[Problem], only
 
 def _parse_param(name: str, knob: Knob, raw: Any, path: str, problems: list[Problem]) -> ParamSpec | None:
     def bad_value(value: Any, where: str) -> bool:
-        if knob.accepts(knob.coerce(value)):
-            return False
+        try:
+            if knob.accepts(knob.coerce(value)):
+                return False
+        except OverflowError:  # an integer past what a float holds: refused below like any other
+            pass
         hint = did_you_mean(str(value), [str(c) for c in knob.choices]) if knob.kind == "choice" else ""
         rule = knob.rule() + (f" or {PI_WORDS}" if knob.kind == "float" and isinstance(value, str) else "")
         problems.append(Problem(where, rule, value, hint))
@@ -440,7 +456,7 @@ def _parse_param(name: str, knob: Knob, raw: Any, path: str, problems: list[Prob
             problems.append(Problem(f"{path}.low", "must be > 0 when log is true", raw["low"]))
             return None
         if step is not None:
-            ok = isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) and step > 0
+            ok = _finite_number(step) and step > 0
             if not ok or (knob.kind == "int" and not isinstance(step, int)):
                 problems.append(Problem(f"{path}.step", "must be a positive " + ("integer" if knob.kind == "int" else "number"), step))
                 return None
@@ -520,6 +536,12 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
     if spec.search.schedule == "fixed" and spec.search.backend == "ray":
         problems.append(Problem("search.schedule", "needs search.backend: optuna; Ray Tune starts each trial as a slot "
                                 "frees up, so the ray backend runs free (leave it null or set free)", spec.search.schedule))
+    if spec.search.repeat and spec.searched:
+        problems.append(Problem("search.repeat", "applies to a space that searches no knob (this one searches "
+                                + ", ".join(p.name for p in spec.searched) + ")", spec.search.repeat))
+    elif spec.search.repeat and spec.search.sampler == "grid":
+        problems.append(Problem("search.repeat", "needs a sampler that can repeat a configuration (random or tpe); "
+                                "the grid sampler runs each one once", spec.search.repeat))
     if spec.search.lag is not None and not spec.search.fixed_schedule:
         problems.append(Problem("search.lag", "applies to the fixed schedule only (search.schedule: fixed, the optuna "
                                 "backend)", spec.search.lag))
@@ -696,6 +718,32 @@ def parse_spec(raw: Any) -> Spec:
     return spec
 
 
+def check_sweep(spec: Spec) -> None:
+    """Refuse a valid spec whose sweep would search nothing: every trial the same configuration.
+
+    ``sbsearch run`` and ``validate`` ask it of the spec with the command-line overrides applied, so
+    ``--trials 1`` meets it; a spec that only builds a trial, or that ``rank`` samples, need not.
+
+    Raises:
+        SpecError: one line saying how to search something, or to repeat on purpose.
+    """
+    if spec.searched or spec.search.trials == 1 or spec.search.repeat:
+        return
+    raise SpecError([Problem("search.trials", "must be 1 when the space searches nothing (no knob lists values or a "
+                             "range), as every trial would train the same configuration; list values or a range "
+                             "for a knob under space, or set search.repeat: true to repeat it on purpose",
+                             spec.search.trials)])
+
+
+# --- reading the YAML ------------------------------------------------------------------------------
+
+# Bounds far above any real spec (a few kB, nested 5 deep, a few hundred values) that stop a file made
+# to exhaust memory or time: each is refused with one line before it costs much.
+MAX_SPEC_BYTES = 1_000_000
+MAX_SPEC_DEPTH = 20
+MAX_SPEC_VALUES = 20_000  # scalars, lists and mappings, each YAML alias counted in full
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a YAML spec file.
 
@@ -706,19 +754,146 @@ def load_spec(path: str | Path) -> Spec:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:  # no more than the limit is read, whatever the file is
+            data = handle.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            size = path.stat().st_size
+            raise SpecError([_too_large(str(path), f"{size} bytes" if size > MAX_SPEC_BYTES else
+                                        f"more than {MAX_SPEC_BYTES} bytes")])
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError([Problem("spec", "must be an existing file", str(path))]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([Problem("spec", f"must be a readable UTF-8 file ({type(exc).__name__})", str(path))]) from None
+    return parse_spec(read_spec_yaml(text, str(path)))
+
+
+def read_spec_yaml(text: str, source: str = "<text>") -> Any:
+    """The plain data of a spec's YAML text, what ``parse_spec`` takes, read within bounds.
+
+    Refused with one line each: text over ``MAX_SPEC_BYTES`` (before it is parsed), YAML that is
+    invalid or tagged as something other than plain data, lists and mappings nested deeper than
+    ``MAX_SPEC_DEPTH``, more than ``MAX_SPEC_VALUES`` values with every alias expanded (counted as
+    the text is read, so an alias bomb never expands), an alias inside the node it names, and a key
+    given twice in one mapping (YAML would keep the last value without a word).
+
+    Args:
+        text: the YAML.
+        source: what the text came from (the file's path), named by problems with the text as a whole.
+
+    Raises:
+        SpecError: naming the key, or ``spec`` with ``source``.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError([_too_large(source, f"{size} bytes")])
+    loader = _BoundedLoader(text)
     try:
-        raw = yaml.safe_load(text)
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        reason = getattr(exc, "problem", None) or "malformed"
-        raise SpecError([Problem("spec", f"must be valid YAML ({reason} at {where})", str(path))]) from None
-    return parse_spec(raw)
+        reason = " ".join(str(getattr(exc, "problem", None) or "malformed").split())
+        reason = reason if len(reason) <= 200 else reason[:200] + "…"  # PyYAML may quote a tag of any length
+        raise SpecError([Problem("spec", f"must be valid YAML ({reason} at {where})", source)]) from None
+    finally:
+        loader.dispose()
+
+
+def _too_large(source: str, size: str) -> Problem:
+    return Problem("spec", f"must be at most {MAX_SPEC_BYTES} bytes (1 MB; real specs are a few kB)", source, size)
+
+
+def _line(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+class _BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type hints
+    """PyYAML's safe loader with the bounds of ``read_spec_yaml``, checked as each node is composed.
+
+    Composing links an alias to the node it names instead of copying it, so counting each node's
+    values (aliases expanded) as it is composed refuses an alias bomb before anything is expanded.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.steps: list[str] = []  # from the root to the node being composed: ".key" or "[3]" each
+        self.values_in: dict[int, int] = {}  # id(node) -> the values it holds, aliases expanded
+        self.values = 0  # values composed so far, aliases expanded
+        self.depth = 0  # lists and mappings open around the node being composed
+
+    def key_path(self) -> str:
+        return "".join(self.steps).lstrip(".")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if isinstance(parent, yaml.SequenceNode):
+            self.steps.append(f"[{index}]")
+        elif isinstance(index, yaml.ScalarNode):
+            self.steps.append(f".{index.value}")
+        else:  # the root, a key, or the value of a key that is itself a list or mapping
+            self.steps.append("")
+        try:
+            return self._compose_counted(parent, index)
+        finally:
+            self.steps.pop()
+
+    def _compose_counted(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)  # the node the alias names (PyYAML refuses an unknown one)
+            values = self.values_in.get(id(node))
+            if values is None:  # still being composed: the alias is inside it
+                raise SpecError([Problem(self.key_path(), "must not be a YAML alias to a list or mapping that "
+                                         "holds it", f"*{event.anchor}", _line(event.start_mark))])
+            self.values += values
+            if self.values > MAX_SPEC_VALUES:
+                raise SpecError([Problem(self.key_path(), f"must not expand the spec past {MAX_SPEC_VALUES} values "
+                                         "(scalars, lists and mappings, each YAML alias counted in full; a guard "
+                                         "against alias bombs)", f"*{event.anchor}",
+                                         f"{_line(event.start_mark)}, where the count reaches {self.values}")])
+            return node
+        self.values += 1
+        if self.values > MAX_SPEC_VALUES:
+            raise SpecError([Problem("", f"must hold at most {MAX_SPEC_VALUES} values (scalars, lists and mappings, "
+                                     "each YAML alias counted in full)", self.values,
+                                     f"counting stopped at {self.key_path() or 'the top'}, {_line(event.start_mark)}")])
+        if not isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            node = super().compose_node(parent, index)
+            self.values_in[id(node)] = 1
+            return node
+        self.depth += 1
+        if self.depth > MAX_SPEC_DEPTH:
+            raise SpecError([Problem(self.key_path(), f"must nest lists and mappings at most {MAX_SPEC_DEPTH} deep",
+                                     self.depth, _line(event.start_mark))])
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        self.values_in[id(node)] = 1 + sum(self.values_in[id(child)] for child in children)
+        if isinstance(node, yaml.MappingNode):
+            self._refuse_repeated_keys(node)
+        return node
+
+    def _refuse_repeated_keys(self, node: Any) -> None:
+        first_of: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a list or mapping as a key is refused when built; "<<" merges in another mapping's keys
+            key = self.construct_object(key_node)
+            first = first_of.setdefault(key, key_node)
+            if first is not key_node:
+                path = f"{self.key_path()}.{key}".lstrip(".")
+                raise SpecError([Problem(path, "must appear only once in its mapping (YAML would keep the last "
+                                         "value without a word)", key, f"at line {first.start_mark.line + 1} and "
+                                         f"again at line {key_node.start_mark.line + 1}")])
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # a date such as 2024-02-30, an integer of 5000 digits
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            why = f"{len(str(node.value))} characters are too many to read" if kind == "int" else str(exc)
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this {kind}: {why}",
+                                                    node.start_mark) from None
 
 
 def spec_to_dict(spec: Spec) -> dict[str, Any]:

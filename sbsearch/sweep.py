@@ -12,6 +12,7 @@ import fcntl
 import json
 import math
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,15 +25,16 @@ from rich.console import Console
 
 from sbsearch.backends import SweepInterrupted, get_backend
 from sbsearch.data import DATASETS
-from sbsearch.errors import SbsearchError
+from sbsearch.errors import Problem, SbsearchError, SpecError
+from sbsearch.logs import log_to_file
 from sbsearch.progress import SweepDisplay, top_table
 from sbsearch.space import trial_budget
-from sbsearch.spec import Spec, spec_to_dict
+from sbsearch.spec import Spec, parse_spec, spec_to_dict
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
 from sbsearch.trial import SweepContext, TrialRecord
 
 __all__ = ["HELD_OUT_TOP", "SweepResult", "chosen_on_validation", "run_sweep", "relog_sweep", "sweep_key", "tracking_info",
-           "default_out_dir", "write_trials_csv"]
+           "default_out_dir", "prepare_out_dir", "write_trials_csv"]
 
 HELD_OUT_TOP = 5
 """How many configurations, chosen on validation, a finished sweep shows with their test-split numbers."""
@@ -40,6 +42,8 @@ HELD_OUT_TOP = 5
 # Keys a resumed sweep may change without becoming a different sweep.
 _RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment",
                       "ray.address"}
+# Files that only sbsearch writes into an output folder: one of them marks the folder as one.
+_OUTPUT_MARKERS = ("tracking.json", "optuna.journal", "trials.csv")
 
 
 @dataclass
@@ -90,6 +94,25 @@ def default_out_dir(spec: Spec) -> Path:
     return Path("sbsearch-runs") / spec.name
 
 
+def prepare_out_dir(out_dir: Path, flag: str = "--out") -> Path:
+    """Create the output folder (and its parents) and check that it can be written, before any work.
+
+    Raises:
+        SpecError: one line naming ``flag``, when the path is a file, lies under one, or cannot be
+            created or written (a read-only or missing mount, no permission).
+    """
+    rule = "must be a folder that sbsearch can create and write"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpecError([Problem(flag, rule, str(out_dir), "it is an existing file; choose a folder")])
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise SpecError([Problem(flag, rule, str(out_dir), f"{type(exc).__name__}: {exc.strerror or exc}")]) from None
+    return out_dir.resolve()
+
+
 @contextlib.contextmanager
 def _sweep_lock(out_dir: Path) -> Iterator[None]:
     handle = open(out_dir / ".sweep.lock", "a+")
@@ -112,12 +135,31 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by dotted key."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
 def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
     path = out_dir / "spec.yaml"
     if not path.exists():
         return
+    if not any((out_dir / marker).exists() for marker in _OUTPUT_MARKERS):
+        # The user's own spec.yaml (or someone else's folder): sbsearch would overwrite it.
+        raise SbsearchError(f"--out: {out_dir} is not an sbsearch output folder (it holds a spec.yaml that sbsearch "
+                            "did not write); choose a new or empty folder for --out, for example "
+                            f"{out_dir / 'runs'}")
     old = yaml.safe_load(path.read_text(encoding="utf-8"))
-    changed = [k for k in _diff_keys(old, resolved) if k not in _RESUMABLE_CHANGES]
+    # A key that a newer sbsearch added is absent from an older sweep's spec: at its default it changes nothing.
+    defaults = _flat(spec_to_dict(parse_spec({})))
+    now, before = _flat(resolved), _flat(old)
+    changed = [k for k in _diff_keys(old, resolved) if k not in _RESUMABLE_CHANGES
+               and not (k not in before and k in defaults and now.get(k) == defaults[k])]
     if changed:
         raise SbsearchError(f"--out: {out_dir} holds a different sweep (its spec differs at {', '.join(changed[:5])}); "
                             "resume it with its own spec or choose another --out")
@@ -125,7 +167,10 @@ def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
 
 def write_trials_csv(path: Path, records: list[TrialRecord], searched: list[str],
                      heldout: dict[int, tuple[int, dict[str, float]]] | None = None) -> None:
-    """One row per trial: number, state, parameters, final metrics, epochs run, seconds, reason.
+    """One row per trial: number, state, parameters, final metrics, epochs run, seconds, start-up seconds, reason.
+
+    ``seconds`` is the trial's own time; ``startup_seconds`` what its worker process spent on its
+    one-time set-up during it (nonzero only for a worker's first trial, see ``TrialRecord``).
 
     ``heldout`` (trial number -> (rank on validation, test-split numbers)) fills the ``heldout_rank``
     and ``test_*`` columns of the configurations the finished sweep chose; every other row leaves them
@@ -135,7 +180,7 @@ def write_trials_csv(path: Path, records: list[TrialRecord], searched: list[str]
     metric_keys = sorted({k for r in records for k in r.final})
     test_keys = sorted({k for _, test in heldout.values() for k in test})
     columns = ["number", "state", *searched, *metric_keys, "heldout_rank", *test_keys, "epochs_run", "seconds",
-               "reason", "mlflow_run_id"]
+               "startup_seconds", "reason", "mlflow_run_id"]
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -145,7 +190,7 @@ def write_trials_csv(path: Path, records: list[TrialRecord], searched: list[str]
             writer.writerow([r.number, r.state, *[r.params.get(k, "") for k in searched],
                              *[_num(r.final.get(k)) for k in metric_keys], "" if rank is None else rank,
                              *[_num(test.get(k)) for k in test_keys], r.epochs_run, f"{r.seconds:.3f}",
-                             r.reason, r.run_id])
+                             f"{r.startup_seconds:.3f}", r.reason, r.run_id])
     tmp.replace(path)  # a reader never sees half a file
 
 
@@ -167,7 +212,7 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
 
     Raises:
         SbsearchError: when the records cannot be opened (before any training).
-        SweepInterrupted: on Ctrl-C, after saving state.
+        SweepInterrupted: on Ctrl-C or SIGTERM, after saving state.
 
     Example:
         >>> result = run_sweep(load_spec("search_spaces/quickstart.yaml"), Path("out"))
@@ -179,6 +224,7 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
     explicit_out = out_dir is not None
     out = (out_dir if out_dir is not None else default_out_dir(spec)).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    log_to_file(out)  # the frameworks' log lines and warnings go there, not into the live table
     metric, direction = DATASETS[spec.data.dataset].objective
     resolved = spec_to_dict(spec)
     with _sweep_lock(out):
@@ -313,7 +359,8 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
             run_id = tracker.start_trial(parent, r.number, config.params, trial_run_name(r.number, config))
             for epoch, metrics in enumerate(r.history, start=1):
                 tracker.log_epoch(run_id, epoch, metrics)
-            final = {**r.final, "duration_s": r.seconds, "epochs_run": float(r.epochs_run)}
+            final = {**r.final, "duration_s": r.seconds, "startup_s": r.startup_seconds,
+                     "epochs_run": float(r.epochs_run)}
             tracker.end_trial(run_id, r.state, final, {"sbsearch.reason": r.reason} if r.reason else {})
             written += 1
         metric, direction = DATASETS[spec.data.dataset].objective

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sbsearch.errors import SbsearchError
+from sbsearch.errors import Problem, SbsearchError, SpecError
 
 __all__ = ["TrackingTarget", "Tracker", "default_tracking_uri", "TRIAL_STATES"]
 
@@ -66,7 +66,13 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.target = target
-        self.client = MlflowClient(tracking_uri=target.uri)
+        try:
+            self.client = MlflowClient(tracking_uri=target.uri)
+        except Exception as exc:  # MLflow refuses a scheme it has no store for, with a long message
+            scheme = target.uri.partition(":")[0]
+            hint = f"MLflow has no store for {scheme!r}" if "unsupported uri" in str(exc).lower() else _first_line(exc)
+            raise SpecError([Problem("tracking.uri", "must be a URI of a store MLflow can open (a path, file:, sqlite:///, "
+                                     "http(s)://, postgresql://, mysql://)", target.uri, hint)]) from None
         self._experiment_id: str | None = None
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -82,9 +88,8 @@ class Tracker:
         try:
             self.experiment_id()
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SbsearchError(
-                f"tracking.uri: the MLflow store must be reachable, but {self.target.uri!r} failed: {first[:200]}"
+                f"tracking.uri: the MLflow store must be reachable, but {self.target.uri!r} failed: {_first_line(exc)}"
             ) from None
         finally:
             for k, v in saved.items():
@@ -213,6 +218,12 @@ class Tracker:
         for i in range(0, max(len(m), 1), 900):  # MLflow takes at most 1000 metrics per batch
             _retry(lambda: self.client.log_batch(run_id, metrics=m[i : i + 900], params=p if i == 0 else (),
                                                  tags=t if i == 0 else (), synchronous=True))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The start of an error's message (MLflow's can run to many lines), or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _param(value: Any) -> str:

@@ -5,6 +5,7 @@ Backends call ``run_trial`` and only decide which configuration to try and wheth
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import traceback
@@ -44,7 +45,15 @@ class SweepContext:
 
 @dataclass
 class TrialRecord:
-    """The outcome of one trial, as every record of it (storage, MLflow, trials.csv) states it."""
+    """The outcome of one trial, as every record of it (storage, MLflow, trials.csv) states it.
+
+    ``seconds`` is the trial's own time: preparing its inputs, building its model, training and
+    evaluating it. ``startup_seconds`` is what its worker process spent during the trial on set-up
+    that it does once and reuses for every later trial: loading the data set and opening the MLflow
+    store (MLflow's import included). It is nonzero only for a worker's first trial (and for the first
+    trial of a resumed sweep's worker); the interpreter's start and the imports that come before any
+    trial count in neither.
+    """
 
     number: int
     state: str  # COMPLETE | PRUNED | FAIL
@@ -57,6 +66,7 @@ class TrialRecord:
     history: list[dict[str, float]] = field(default_factory=list)  # metrics after each epoch
     logged: bool = True  # False when the tracking store failed: ``sbsearch relog`` catches up
     tracking_error: str = ""
+    startup_seconds: float = 0.0
     # The held-out test split, measured when the trial completed. Kept apart from ``final`` so that no
     # sampler, pruner or ranking can read it; the sweep publishes it only for the configurations it
     # chose on validation (``sbsearch.heldout``).
@@ -69,6 +79,37 @@ ShouldPrune = Callable[[int, Mapping[str, float]], "str | None"]
 @functools.lru_cache(maxsize=4)
 def _base_split(dataset: str, val_fraction: float, seed: int, options: DataOptions) -> Split:
     return load_dataset(dataset, val_fraction, seed, options)
+
+
+# The sweeps this process has set itself up for (see ``_set_up_process``).
+_SET_UP: set[tuple[object, ...]] = set()
+
+
+def _set_up_process(ctx: SweepContext) -> float:
+    """Seconds spent now on what this process does once and every later trial of the sweep reuses
+    (0 once done): the modules PyTorch and the trainer import on first use, the training device, the
+    data set (cached by ``_base_split``) and the MLflow store."""
+    spec = ctx.spec
+    split_args = (spec.data.dataset, spec.data.val_fraction, spec.seed, data_options(spec.data))
+    key = (*split_args, spec.train.device, ctx.tracking)
+    if key in _SET_UP:
+        return 0.0
+    start = time.perf_counter()
+    # Imported on first use, by the first optimiser a process builds and by the trainer: seconds.
+    import torch._dynamo
+
+    import sbsearch.replicas  # noqa: F401
+
+    # A failure here recurs inside the trial, which records it (device, data) or logs without MLflow (store).
+    with contextlib.suppress(Exception):
+        torch.zeros(1, device=resolve_device(spec.train.device))  # a CUDA context takes seconds
+    with contextlib.suppress(Exception):
+        _base_split(*split_args)
+    if ctx.tracking is not None:
+        with contextlib.suppress(Exception):
+            Tracker(ctx.tracking)  # imports MLflow and opens the store, which later clients reuse
+    _SET_UP.add(key)
+    return time.perf_counter() - start
 
 
 def trial_run_name(number: int, config: TrialConfig) -> str:
@@ -119,13 +160,16 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     If the tracking store fails mid-trial, training goes on: the record (kept by the backend's
     storage and trials.csv) says so in ``logged``, and ``sbsearch relog`` writes it to MLflow later.
 
+    The record's ``seconds`` cover the trial's own work; the worker's one-time set-up, done first,
+    goes to ``startup_seconds`` (see ``TrialRecord``).
+
     Raises:
         Interrupted: when ``stop_requested()`` turns true between epochs.
     """
-    start = time.perf_counter()
     if ctx.threads > 0:
         torch.set_num_threads(ctx.threads)
     record = TrialRecord(number, "COMPLETE", {k: config.params[k] for k in config.searched})
+    record.startup_seconds = _set_up_process(ctx)
     log = _TrialLog(ctx, record, config)
     prune_reason: list[str] = []
 
@@ -140,6 +184,7 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
             return True
         return False
 
+    start = time.perf_counter()
     try:
         split, desc = build_trial(ctx.spec, config)
         result = train(split, desc, train_plan(ctx.spec), report)
@@ -209,5 +254,6 @@ class _TrialLog:
     def end(self) -> None:
         if self.tracker is not None:
             tracker, r = self.tracker, self.record
-            final = {**r.final, "duration_s": r.seconds, "epochs_run": float(r.epochs_run)}
+            final = {**r.final, "duration_s": r.seconds, "startup_s": r.startup_seconds,
+                     "epochs_run": float(r.epochs_run)}
             self._safely(lambda: tracker.end_trial(r.run_id, r.state, final, {"sbsearch.reason": r.reason} if r.reason else {}))

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sbsearch"
 
 # The data flow of DESIGN.md, with the registries the spec validates against below the spec.
 ORDER = [
-    "errors", "strategies", "group_conv", "data", "models", "spec", "space", "metrics", "score", "replicas",
+    "logs", "errors", "strategies", "group_conv", "data", "models", "spec", "space", "metrics", "score", "replicas",
     "trainer", "pruning", "tracking", "trial", "backends", "progress", "sweep", "report", "rank", "cli", "docs",
 ]
 # Heavy or optional frameworks may be imported only by their own module.

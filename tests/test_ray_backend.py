@@ -126,7 +126,7 @@ def _check_agreement(out: Path, trials: int) -> dict[str, Any]:
         assert {"expansion.factor", "norm.kind"} <= set(run.data.params)
         history = r["client"].get_metric_history(run.info.run_id, "val_accuracy")
         assert sorted(m.step for m in history) == list(range(1, len(history) + 1)), "an epoch was logged twice"
-        assert len(history) >= 1
+        assert len(history) >= 1, (run.data.tags, {t.number: t.user_attrs for t in r["optuna"]})
     optuna_state = {t.number: t.state.name for t in r["optuna"]}
     csv_state = {int(row["number"]): row["state"] for row in r["csv"]}
     ray_state = {cfg["config"]["sbsearch.number"]: meta["last_result"].get("sbsearch_state") for cfg, meta in r["ray"]}
@@ -386,3 +386,49 @@ def test_diverging_ray_trials_fail_alone_and_too_many_in_a_row_stop_the_sweep(tm
         assert code == 1, output[-3000:]
         assert "error: search.max_consecutive_failures: the sweep stopped after 2 failed trials in a row" in output
         assert 2 <= len(rows) < 4
+
+
+def test_only_the_latest_attempt_of_a_trial_speaks_for_it() -> None:
+    # A process that lost its node may still reach the board while Ray runs the trial again elsewhere.
+    from sbsearch.backends.ray import _Board
+
+    board = _Board([], {7: {"number": 7, "state": "FAIL", "history": []}})
+    assert board.begin(7) == (0, {"number": 7, "state": "FAIL", "history": []}), "an earlier run's record stands"
+    first, none = board.begin(3)
+    assert (first, none) == (1, None)
+    assert board.report(3, 1, {"val_accuracy": 0.5}, first) == []  # no other trial has reported
+    # The first attempt's process dies while it fails: its FAIL is not taken as the trial's outcome.
+    assert board.finish({"number": 3, "state": "FAIL", "history": []}, None, first)
+    second, none = board.begin(3)
+    assert (second, none) == (2, None) and board.record(3) is None
+    # The dying first attempt can no longer report or finish the trial; the second one can.
+    assert board.report(3, 2, {"val_accuracy": 0.6}, first) is None
+    assert not board.finish({"number": 3, "state": "COMPLETE", "history": [{}]}, 0.9, first)
+    assert board.record(3) is None
+    assert board.finish({"number": 3, "state": "COMPLETE", "history": [{"val_accuracy": 0.9}]}, 0.9, second)
+    # A process that dies after its trial COMPLETED: the next attempt reports that record, no training.
+    assert board.begin(3) == (0, board.record(3)) and board.record(3)["state"] == "COMPLETE"
+    # The driver's own records (attempt 0) always stand.
+    assert board.finish({"number": 4, "state": "PRUNED", "history": []}, None)
+    assert board.begin(4)[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_stops_the_driver_like_ctrl_c_and_the_sweep_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = _write_spec(tmp_path, train__epochs=4, search__pruner="none")
+    first = _sbsearch(spec, out)
+    _wait_for_line(first, " COMPLETE ")  # one trial done, others running or waiting
+    os.kill(first.pid, signal.SIGTERM)  # what Kubernetes sends: Tune saves its state, the CLI exits 128 + 15
+    code, output = _finish(first)
+    assert code == 143, output[-3000:]
+    assert "run the same command to resume" in output
+    done_before = {row["number"] for row in _records(out)["csv"]}
+    assert 1 <= len(done_before) < 4
+
+    code, output = _finish(_sbsearch(spec, out))
+    assert code == 0, output[-3000:]
+    r = _check_agreement(out, trials=4)  # one MLflow child run per trial, none twice
+    assert done_before <= {row["number"] for row in r["csv"]}, "a finished trial was lost"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,17 @@ def test_loaded_trials_match_the_sweep(sweep_out: Path) -> None:
     assert done and all(t.curve for t in done)
     assert all(max(t.curve) == t.epochs_run for t in done)
     assert data.importances is not None and math.isclose(sum(data.importances.values()), 1.0, rel_tol=1e-6)
+
+
+def test_trials_read_from_trials_csv_alone_have_the_studys_metrics(sweep_out: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    shutil.copytree(sweep_out, folder, ignore=shutil.ignore_patterns("optuna.journal"))
+    from_study = {t.number: t for t in load_sweep(sweep_out).trials}
+    from_csv = load_sweep(folder).trials
+    assert len(from_csv) == len(from_study)
+    for t in from_csv:
+        assert set(t.final) <= set(from_study[t.number].final)  # seconds and startup_seconds are no metrics
+        assert t.seconds == pytest.approx(from_study[t.number].seconds, abs=1e-3)
 
 
 def test_report_of_a_folder_without_a_sweep_names_it(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import pytest
 import yaml
 
 from sbsearch.errors import SpecError
-from sbsearch.spec import load_spec, parse_spec, spec_reference, spec_to_dict, with_overrides
+from sbsearch.spec import (MAX_SPEC_BYTES, check_sweep, load_spec, parse_spec, read_spec_yaml, spec_reference,
+                           spec_to_dict, with_overrides)
 from tests.conftest import ROOT, tiny_spec_dict
 
 
@@ -119,9 +121,11 @@ def test_yaml_tags_that_would_run_code_are_refused(tmp_path: Path) -> None:
 
 
 def test_shipped_specs_are_valid() -> None:
-    for path in sorted((ROOT / "search_spaces").glob("*.yaml")):
+    paths = sorted((ROOT / "search_spaces").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
         try:
-            load_spec(path)
+            check_sweep(load_spec(path))
         except SpecError as exc:  # a spec for data that is not on this machine may only lack the data
             assert all(p.path == "data.root" for p in exc.problems), f"{path.name}: {exc}"
 
@@ -204,3 +208,142 @@ def test_schedule_is_fixed_with_optuna_free_with_ray_and_lag_needs_the_fixed_one
         "search.lag: applies to the fixed schedule only (search.schedule: fixed, the optuna backend), but got 2"]
     assert problems(tiny_spec_dict(search__schedule="fixd", search__lag=0)) == [
         "search.schedule: must be fixed, free or null, but got 'fixd'", "search.lag: must be >= 1, but got 0"]
+
+
+# --- hostile input: every answer is one short line -------------------------------------------------
+
+def _bomb(levels: int, width: int = 9) -> str:
+    """YAML whose last alias expands to width**levels strings (the "billion laughs")."""
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    "long_value": ("name: " + "a" * 900_000 + "\n",
+                   "error: name: must be 1-100 letters, digits, '_', '.', '-', starting with a letter or digit, but got "
+                   "'aaaa", "…' (900000 characters)"),
+    "long_key": ("data:\n  ? " + "k" * 900_000 + "\n  : 1\n", "error: data.kkkk", "… (900005 characters): is not a "
+                 "known key, but got 1 (allowed: "),
+    "over_the_limit": ("[" * (MAX_SPEC_BYTES + 1),  # would be a YAML error, were it parsed
+                       "error: spec: must be at most 1000000 bytes (1 MB; real specs are a few kB), but got '",
+                       "' (1000001 bytes)"),
+    "alias_bomb": (_bomb(9), "error: a4[1]: must not expand the spec past 20000 values (scalars, lists and mappings, "
+                   "each YAML alias counted in full; a guard against alias bombs), but got '*a3' (line 5, column 15, "
+                   "where the count reaches 23071)", ""),
+    "alias_inside_its_node": ("space: &s {expansion: *s}\n", "error: space.expansion: must not be a YAML alias to a "
+                              "list or mapping that holds it, but got '*s' (line 1, column 23)", ""),
+    "deep_nesting": ("space: " + "[" * 5000 + "]" * 5000 + "\n", "error: space" + "[0]" * 19 + ": must nest lists and "
+                     "mappings at most 20 deep, but got 21 (line 1, column 27)", ""),
+    "many_values": ("space: [" + ", ".join(["0"] * 25_000) + "]\n", "error: <spec>: must hold at most 20000 values "
+                    "(scalars, lists and mappings, each YAML alias counted in full), but got 20001 (counting stopped "
+                    "at space[19997], line 1, column 60000)", ""),
+    "repeated_top_key": ("name: x\nseed: 1\nname: y\n", "error: name: must appear only once in its mapping (YAML "
+                         "would keep the last value without a word), but got 'name' (at line 1 and again at line 3)", ""),
+    "repeated_nested_key": ("space:\n  expansion:\n    factor: [1, 2]\n    fill: 0.5\n    'factor': 3\n",
+                            "error: space.expansion.factor: must appear only once in its mapping (YAML would keep the "
+                            "last value without a word), but got 'factor' (at line 3 and again at line 5)", ""),
+    "long_integer": ("seed: " + "1" * 5000 + "\n", "error: spec: must be valid YAML (cannot read this int: 5000 "
+                     "characters are too many to read at line 1, column 7), but got '", ""),
+    "impossible_date": ("name: 2024-02-30\n", "error: spec: must be valid YAML (cannot read this timestamp: day is "
+                        "out of range for month at line 1, column 7), but got '", ""),
+    "integer_past_float": ("train:\n  lr: 1" + "0" * 400 + "\n", "error: train.lr: must be a finite number, but got "
+                           "1000", "… (401 characters)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_spec_files_give_one_short_line_and_exit_2(case: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from sbsearch.cli import main
+
+    text, start, end = HOSTILE[case]
+    path = tmp_path / "spec.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n"), err[:2000]
+    line = err[:-1]
+    assert len(line) < 1000 and line.startswith(start) and end in line, line
+
+
+def test_no_more_of_a_file_is_read_than_the_limit() -> None:
+    with pytest.raises(SpecError) as info:  # endless: reading it all would never finish
+        load_spec("/dev/zero")
+    assert str(info.value) == ("spec: must be at most 1000000 bytes (1 MB; real specs are a few kB), but got "
+                               "'/dev/zero' (more than 1000000 bytes)")
+
+
+def test_yaml_text_is_read_within_the_same_bounds_as_a_file() -> None:
+    with pytest.raises(SpecError) as info:
+        read_spec_yaml("name: " + "é" * MAX_SPEC_BYTES)  # half as many characters as bytes
+    assert str(info.value) == ("spec: must be at most 1000000 bytes (1 MB; real specs are a few kB), but got '<text>' "
+                               "(2000006 bytes)")
+    with pytest.raises(SpecError, match=r"^a4\[1\]: must not expand the spec past 20000 values"):
+        read_spec_yaml(_bomb(9))
+    assert read_spec_yaml(_bomb(3))["a2"][8][8] == ["lol"] * 9  # 9 * 9 * 9 laughs are within bounds
+
+
+def test_values_and_keys_of_any_size_are_echoed_as_an_excerpt() -> None:
+    nested: list[Any] = [0]
+    for _ in range(5000):
+        nested = [nested]
+    itself: list[Any] = []
+    itself.append(itself)
+    for raw, start, end in [
+        ({"name": "a" * 10_000_000}, "name: must be 1-100 letters", "…' (10000000 characters)"),
+        ({"data": {"k" * 1_000_000: 1}}, "data.kkk", "… (1000005 characters): is not a known key, but got 1"),
+        ({"name": nested}, "name: must be a string, but got [[[[", "… (1 item)"),
+        ({"name": itself}, "name: must be a string, but got [[[[", "… (1 item)"),
+    ]:
+        found = problems(raw)
+        assert len(found) == 1 and "\n" not in found[0] and len(found[0]) < 1000, found[0][:2000]
+        assert found[0].startswith(start) and end in found[0], found[0]
+    assert problems({"train": {"epochs": -10 ** 5000}}) == ["train.epochs: must be >= 1, but got <an integer of about "
+                                                           "5001 digits>"]
+
+
+def test_an_ordinary_spec_with_anchors_and_merges_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("""\
+name: anchored
+train: &train {epochs: 2, lr: 0.01}
+space:
+  expansion:
+    factor: &factors [1, 2]
+    fill: [0.0, 0.5]
+  controls: {bias_scale: &one 1.0}
+  norm: &norm {kind: [none, batch]}
+search:
+  <<: {sampler: random, trials: 3}
+  trials: 4  # a merged key may be given again: that is what a merge is for
+""", encoding="utf-8")
+    spec = load_spec(path)
+    assert (spec.train.epochs, spec.search.trials, spec.search.sampler) == (2, 4, "random")
+    assert [p.name for p in spec.searched] == ["expansion.factor", "expansion.fill", "norm.kind"]
+    data = read_spec_yaml("base: &b {a: [1, 2]}\nuse: {<<: *b, c: *b}\nagain: [*b, *b]\n")
+    assert data["use"] == {"a": [1, 2], "c": {"a": [1, 2]}} and data["again"] == [{"a": [1, 2]}] * 2
+
+
+# --- a spec that searches nothing -------------------------------------------------------------------
+
+def test_a_spec_that_searches_nothing_is_refused_unless_it_asks_for_it() -> None:
+    rule = ("search.trials: must be 1 when the space searches nothing (no knob lists values or a range), as every "
+            "trial would train the same configuration; list values or a range for a knob under space, or set "
+            "search.repeat: true to repeat it on purpose, but got ")
+    for raw in ({}, {"space": {"expansion": {"factor": 2}, "norm": {"kind": ["batch"]}}}):
+        with pytest.raises(SpecError) as info:
+            check_sweep(parse_spec(raw))
+        assert [str(p) for p in info.value.problems] == [rule + "20"]
+    with pytest.raises(SpecError, match="^" + re.escape(rule + "5") + "$"):
+        check_sweep(parse_spec({"search": {"trials": 5, "sampler": "grid"}}))
+    check_sweep(parse_spec({"search": {"trials": 1}}))  # one run of one configuration, on purpose
+    check_sweep(parse_spec({"search": {"repeat": True}}))  # twenty of them, on purpose
+    check_sweep(with_overrides(parse_spec({}), {"search.trials": 1}))  # what --trials 1 does
+    check_sweep(parse_spec(tiny_spec_dict()))
+    assert problems(tiny_spec_dict(search__repeat=True)) == [
+        "search.repeat: applies to a space that searches no knob (this one searches expansion.factor, expansion.fill, "
+        "norm.kind), but got True"]
+    assert problems({"search": {"repeat": True, "sampler": "grid"}}) == [
+        "search.repeat: needs a sampler that can repeat a configuration (random or tpe); the grid sampler runs each "
+        "one once, but got True"]

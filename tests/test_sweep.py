@@ -8,6 +8,7 @@ from typing import Any
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -105,6 +106,21 @@ def test_a_different_spec_in_the_same_out_is_refused(tmp_path: Path) -> None:
     run_sweep(parse_spec(tiny_spec_dict(search__trials=1, train__epochs=1)), tmp_path / "out", console=quiet)
     with pytest.raises(SbsearchError, match=r"--out: .* holds a different sweep \(its spec differs at train.lr\)"):
         run_sweep(parse_spec(tiny_spec_dict(search__trials=1, train__epochs=1, train__lr=0.5)), tmp_path / "out", console=quiet)
+
+
+def test_a_sweep_of_an_older_version_resumes_when_the_new_keys_keep_their_defaults(tmp_path: Path) -> None:
+    from sbsearch.errors import SbsearchError
+
+    quiet = Console(file=open("/dev/null", "w"))
+    run_sweep(parse_spec(tiny_spec_dict(search__trials=1, train__epochs=1)), tmp_path / "out", console=quiet)
+    saved = yaml.safe_load((tmp_path / "out" / "spec.yaml").read_text(encoding="utf-8"))
+    del saved["search"]["repeat"], saved["data"]["test_fraction"]  # keys that an older version did not write
+    (tmp_path / "out" / "spec.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    with pytest.raises(SbsearchError, match=r"holds a different sweep \(its spec differs at data.test_fraction\)"):
+        run_sweep(parse_spec(tiny_spec_dict(search__trials=1, train__epochs=1, data__test_fraction=0.3)),
+                  tmp_path / "out", console=quiet)
+    result = run_sweep(parse_spec(tiny_spec_dict(search__trials=2, train__epochs=1)), tmp_path / "out", console=quiet)
+    assert [r.number for r in result.records] == [0, 1]
 
 
 def test_grid_sampler_covers_the_grid_once(tmp_path: Path) -> None:
@@ -223,7 +239,7 @@ def test_grid_under_the_fixed_schedule_gives_each_cell_once() -> None:
 def _rows_without_timing(out: Path) -> list[dict[str, str]]:
     with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return [{k: v for k, v in row.items() if k not in ("seconds", "mlflow_run_id")} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "startup_seconds", "mlflow_run_id")} for row in rows]
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from sbsearch.backends.base import Backend, ProgressSink, SweepInterrupted, TrialView
+from sbsearch.backends.base import STOP_SIGNALS, Backend, ProgressSink, StopSignals, SweepInterrupted, TrialView
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError
 from sbsearch.pruning import PeerTrial, rule_for
@@ -381,36 +382,55 @@ def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: 
         Tracker(ctx.tracking).delete_trial_runs(ctx.parent_run_id, number)
 
 
-@contextlib.contextmanager
-def _first_ctrl_c_sets(stop: threading.Event) -> Iterator[None]:
-    """Turn the first Ctrl-C into a stop request that the trial honours at its next epoch end, rather
-    than an exception thrown into whatever the main thread is doing; a second Ctrl-C raises as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _first_stop_signal_interrupts() -> threading.Event:
+    """In a worker process: the first SIGINT or SIGTERM sets the returned event and raises KeyboardInterrupt,
+    so the running trial abandons its epoch and is queued again, as on Ctrl-C. Later ones are ignored: the
+    controller passes on a signal that the whole process group may have had already, and kills a worker
+    that does not stop. Installed whatever the worker inherited: a script's ``sweep &`` ignores SIGINT."""
+    received = threading.Event()
 
-    def on_sigint(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after the running trial's current epoch (Ctrl-C again to stop now)", flush=True)
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        received.set()
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    for s in STOP_SIGNALS:
+        signal.signal(s, interrupt)
+    return received
+
+
+def _requeue_running_trials_of(ctx: SweepContext, study: optuna.Study, pids: set[int | None]) -> None:
+    """The trials that stopped worker processes left running (killed, or stopped while claiming one)
+    are queued again, so the resumed sweep runs them."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("sbsearch.pid") in pids:
+            _mark_interrupted(ctx, study, t.number, "the sweep was stopped while this trial ran")
+
+
+def _raise_keyboard_interrupt_in(thread: threading.Thread) -> None:
+    """Raise KeyboardInterrupt in ``thread`` at the next Python instruction it runs (signals reach only
+    the main thread)."""
+    if thread.ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
 
 
 def _process_worker(ctx: SweepContext, deadline: float | None, since: float) -> None:
+    from sbsearch.logs import log_to_file
+
+    with contextlib.suppress(OSError):  # a spawned process starts with the frameworks logging to the terminal
+        log_to_file(ctx.out_dir)
     with contextlib.suppress(Exception):  # Linux: die with the controller, so a killed sweep leaves no orphans
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
     if os.getppid() == 1:
         return
-    try:
+    stopped = _first_stop_signal_interrupts()
+    with contextlib.suppress(KeyboardInterrupt):
         _worker_loop(ctx, deadline, None, since)
-    except KeyboardInterrupt:
-        pass
+    if stopped.is_set():
+        # Its trial is queued again. Not a clean exit: a controller that was not stopped itself (the signal
+        # was for this worker alone) starts another worker in its place.
+        raise SystemExit(1)
 
 
 def records_from_study(study: optuna.Study) -> list[TrialRecord]:
@@ -469,49 +489,58 @@ class OptunaBackend(Backend):
     poll_seconds = 0.5
 
     def run(self, ctx: SweepContext, progress: ProgressSink) -> list[TrialRecord]:
-        study = open_study(ctx.spec, ctx.out_dir, _direction(ctx))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # The controller holds the sweep lock, so a RUNNING trial is one an earlier, killed run left.
-            _mark_interrupted(ctx, study, t.number, "the previous controller died while this trial ran")
-        deadline = time.time() + ctx.spec.search.timeout if ctx.spec.search.timeout else None
-        since = time.time()
-        if ctx.spec.search.parallel == 1:
-            self._run_in_thread(ctx, study, deadline, progress, since)
-        else:
-            self._run_in_processes(ctx, study, deadline, progress, since)
-        progress(_views(study, ctx.spec))
+        in_thread = ctx.spec.search.parallel == 1
+        with StopSignals("stopping after the running trial's current epoch" if in_thread
+                         else "stopping the running trials") as signals:
+            try:
+                study = open_study(ctx.spec, ctx.out_dir, _direction(ctx))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    # The controller holds the sweep lock, so a RUNNING trial is one an earlier, killed run left.
+                    _mark_interrupted(ctx, study, t.number, "the previous controller died while this trial ran")
+                deadline = time.time() + ctx.spec.search.timeout if ctx.spec.search.timeout else None
+                since = time.time()
+                if in_thread:
+                    self._run_in_thread(ctx, study, deadline, progress, since, signals)
+                else:
+                    self._run_in_processes(ctx, study, deadline, progress, since, signals)
+                progress(_views(study, ctx.spec))
+            except KeyboardInterrupt:  # a second signal before or after the trials ran: stop now
+                raise SweepInterrupted(signals.signum) from None
         self.stopped_because = stop_reason(study, since)
         return records_from_study(study)
 
     def _run_in_thread(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink,
-                       since: float) -> None:
-        stop = threading.Event()
+                       since: float, signals: StopSignals) -> None:
+        stop = signals.requested  # the trial honours it at its next epoch end
         errors: list[BaseException] = []
+        finished = threading.Event()  # Thread.join cannot tell once a KeyboardInterrupt has interrupted it
 
         def target() -> None:
             try:
                 _worker_loop(ctx, deadline, stop, since)
             except BaseException as exc:  # surfaced in the controller's thread below
                 errors.append(exc)
+            finally:
+                finished.set()
 
         worker = threading.Thread(target=target, name="sbsearch-trials", daemon=True)
         worker.start()
-        with _first_ctrl_c_sets(stop):
-            try:
-                while worker.is_alive():
-                    progress(_views(study, ctx.spec))
-                    worker.join(self.poll_seconds)
-            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the epoch to end
-                stop.set()
-                worker.join(30)
-                raise SweepInterrupted() from None
+        try:
+            while worker.is_alive():
+                progress(_views(study, ctx.spec))
+                worker.join(self.poll_seconds)
+        except KeyboardInterrupt:  # a second signal: the trial stops within its current batch, not epoch
+            _raise_keyboard_interrupt_in(worker)
+            # Then it queues itself again; a process that exited while it trained would abort.
+            finished.wait(30)
+            raise SweepInterrupted(signals.signum) from None
         if errors:
             raise errors[0]
         if stop.is_set():
-            raise SweepInterrupted()
+            raise SweepInterrupted(signals.signum)
 
     def _run_in_processes(self, ctx: SweepContext, study: optuna.Study, deadline: float | None, progress: ProgressSink,
-                          since: float) -> None:
+                          since: float, signals: StopSignals) -> None:
         spawn = mp.get_context("spawn")
         procs: list[Any] = []
 
@@ -520,28 +549,37 @@ class OptunaBackend(Backend):
             p.start()
             procs.append(p)
 
-        for _ in range(ctx.spec.search.parallel):
-            start_one()
         try:
+            for _ in range(ctx.spec.search.parallel):
+                start_one()
             while any(p.is_alive() for p in procs):
                 progress(_views(study, ctx.spec))
                 time.sleep(self.poll_seconds)
+                if signals.requested.is_set():  # a worker the same signal ended is stopped, not dead
+                    break
                 for p in [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]:
                     procs.remove(p)
                     self._bury(ctx, study, p.pid, p.exitcode)
                     if len(_counted(study.get_trials(deepcopy=False))) < trial_budget(ctx.spec) and not stop_reason(study, since):
                         start_one()
-        except KeyboardInterrupt:
+            if not signals.requested.is_set():
+                return
+            # The first signal: each worker abandons its trial's epoch and queues the trial again, as on
+            # Ctrl-C. SIGTERM, because a worker still starting up may have inherited SIGINT ignored.
             for p in procs:
                 if p.is_alive() and p.pid is not None:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGINT)
+                        os.kill(p.pid, signal.SIGTERM)
             for p in procs:
                 p.join(60)
-                if p.is_alive():
-                    p.kill()
-                    self._bury(ctx, study, p.pid, None)
-            raise SweepInterrupted() from None
+        except KeyboardInterrupt:  # a second signal: stop now
+            pass
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        _requeue_running_trials_of(ctx, study, {p.pid for p in procs})
+        raise SweepInterrupted(signals.signum)
 
     def _bury(self, ctx: SweepContext, study: optuna.Study, pid: int | None, exitcode: int | None) -> None:
         """A worker process died (killed, out of memory): its running trial fails, and the sweep goes on."""

@@ -27,6 +27,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -46,7 +47,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sbsearch.backends import optuna as optuna_backend
-from sbsearch.backends.base import Backend, ProgressSink, SweepInterrupted
+from sbsearch.backends.base import Backend, ProgressSink, StopSignals, SweepInterrupted
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError
 from sbsearch.pruning import PeerTrial, PruningRule, rule_for
@@ -87,27 +88,56 @@ def _experiment_paths(out_dir: Path) -> list[Path]:
 class _Board:
     """Every trial of the sweep as the pruning rules see it (``PeerTrial``: state and metrics after each
     epoch), plus the records of finished trials. Lives in one small actor on the driver's node, so
-    trials on any node share it and losing a worker loses nothing of it."""
+    trials on any node share it and losing a worker loses nothing of it.
+
+    Ray runs a trial again when its process or node died, and a dying process may still reach the
+    board for a moment: each run of a trial is an attempt (``begin``), and only the latest attempt of
+    a trial may report or finish it. A FAIL that an attempt recorded in this sweep run before its
+    process died is not trusted (the dying may have caused it): the next attempt trains again.
+    """
 
     def __init__(self, peers: list[PeerTrial], records: dict[int, dict[str, Any]]) -> None:
         self.trials = {p.number: p for p in peers}
-        self.records = dict(records)
+        self.records = dict(records)  # the records of earlier sweep runs stand as they are
+        self.attempts: dict[int, int] = {}
+        self.recorded_here: set[int] = set()
 
-    def report(self, number: int, epoch: int, metrics: dict[str, float]) -> list[PeerTrial]:
-        """Note a running trial's metrics after ``epoch`` and return the other trials."""
+    def begin(self, number: int) -> tuple[int, dict[str, Any] | None]:
+        """Start an attempt of trial ``number``: (its attempt number, None), or (0, the record it has)
+        when the trial finished already and this attempt only has to report that."""
+        record = self.records.get(number)
+        if record is not None and not (number in self.recorded_here and record["state"] == "FAIL"):
+            return 0, record
+        self.records.pop(number, None)
+        self.recorded_here.discard(number)
+        self.attempts[number] = self.attempts.get(number, 0) + 1
+        return self.attempts[number], None
+
+    def report(self, number: int, epoch: int, metrics: dict[str, float], attempt: int = 0) -> list[PeerTrial] | None:
+        """Note a running trial's metrics after ``epoch`` and return the other trials; None (and nothing
+        noted) when a later attempt of the trial has begun."""
+        if attempt and attempt != self.attempts.get(number):
+            return None
         old = self.trials.get(number)
         # A re-run (after a lost node) starts again at epoch 1: what its earlier attempt said is dropped.
         history = {e: m for e, m in old.history.items() if e < epoch} if old is not None else {}
         self.trials[number] = PeerTrial(number, "RUNNING", {**history, epoch: metrics})
         return [p for n, p in self.trials.items() if n != number]
 
-    def finish(self, record: dict[str, Any], final: float | None) -> None:
+    def finish(self, record: dict[str, Any], final: float | None, attempt: int = 0) -> bool:
+        """Keep a finished trial's record; ``attempt`` 0 is the driver's word, which always stands.
+        Returns False (and keeps nothing) when a later attempt of the trial has begun."""
         number = record["number"]
+        if attempt and attempt != self.attempts.get(number):
+            return False
         self.records[number] = record
+        if attempt:
+            self.recorded_here.add(number)
         old = self.trials.get(number)
         history = {i + 1: _trial_level(m) for i, m in enumerate(record.get("history") or [])}
         self.trials[number] = PeerTrial(number, record["state"], history or (old.history if old else {}),
                                         final if record["state"] == "COMPLETE" else None)
+        return True
 
     def record(self, number: int) -> dict[str, Any] | None:
         return self.records.get(number)
@@ -151,14 +181,18 @@ def _delete_runs_of(ctx: SweepContext, number: int) -> None:
 
 def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: PruningRule | None) -> None:
     """One Ray trial: ``run_trial``, telling Ray and the board about every epoch."""
+    from sbsearch.logs import log_to_file
+
+    with contextlib.suppress(OSError):  # a node that cannot write the output folder keeps Ray's worker logs
+        log_to_file(ctx.out_dir)
     number = int(config[_NUMBER])
     trial_config = config_from_params(ctx.spec, {k: v for k, v in config.items() if k != _NUMBER})
     handle = _board(board)
     metric = DATASETS[ctx.spec.data.dataset].objective[0]
-    done = ray.get(handle.record.remote(number))
+    attempt, done = ray.get(handle.begin.remote(number))
     if done is not None:
-        # It finished after Ray last saved its state, before the driver died: Ray restarts it, but
-        # its record stands. Report that record instead of training it again.
+        # It finished after Ray last saved its state (before the driver died), or its process died
+        # after it finished: Ray restarts it, but its record stands. Report that instead of training.
         _report_outcome(_record_from(done), {})
         return
     _delete_runs_of(ctx, number)
@@ -173,12 +207,23 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
         # is never cut short before it recorded itself COMPLETE.
         if epoch < ctx.spec.train.epochs:
             tune.report({**numbers, "epoch": epoch})
-        peers = ray.get(handle.report.remote(number, epoch, _trial_level(numbers)))
+        peers = ray.get(handle.report.remote(number, epoch, _trial_level(numbers), attempt))
+        if peers is None:
+            raise _Superseded()
         return None if rule is None else rule.decide(epoch, metrics, peers, number)
 
-    record = run_trial(ctx, number, trial_config, should_prune)
-    ray.get(handle.finish.remote(asdict(record), record.final.get(metric)))
-    _report_outcome(record, last)
+    try:
+        record = run_trial(ctx, number, trial_config, should_prune)
+    except _Superseded:
+        return
+    if ray.get(handle.finish.remote(asdict(record), record.final.get(metric), attempt)):
+        _report_outcome(record, last)
+
+
+class _Superseded(BaseException):
+    """A later attempt of this trial runs: this one (in a process Ray gave up on) stops, and says nothing.
+
+    A BaseException, so that ``run_trial`` does not record it as the trial's failure."""
 
 
 def _report_outcome(record: TrialRecord, last: Mapping[str, float]) -> None:
@@ -345,11 +390,16 @@ def _connect(spec: Spec) -> bool:
         return False
     address = spec.ray.address
     _probe(address)
+    from sbsearch.logs import reroute_framework_loggers
+
+    # Ray set up its loggers to print when it was imported: from here on they write to the sweep's log
+    # file (with Ray's INFO lines, for debugging), and the workers' output stays in Ray's own logs.
+    reroute_framework_loggers()
     try:
         # No address starts a Ray of the sweep's own ("local"): plain ray.init() would join whatever
         # cluster another program left running on this machine.
         ray.init(address=address or "local", namespace=_NAMESPACE, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING, configure_logging=True)
+                 logging_level=logging.INFO, configure_logging=True)
     except Exception as exc:  # noqa: BLE001 - any failure to start or join is the user's to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         auth = " (token authentication: set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN)" if address else ""
@@ -386,36 +436,45 @@ class RayBackend(Backend):
         study = optuna_backend.open_study(spec, ctx.out_dir, direction)  # creates the journal and checks the direction
         started = _connect(spec)
         board_name = f"sbsearch-board-{uuid.uuid4().hex[:12]}"
+        budget: int = optuna_backend.trial_budget(spec)  # type: ignore[attr-defined]
         try:
-            board: Any = ray.remote(num_cpus=0)(_Board).options(
-                name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(
-                    _finished_peers(study, metric), _finished_records(study))
-            ray.get(board.record.remote(-1))  # placed and running before any trial asks
-            deadline = time.time() + spec.search.timeout if spec.search.timeout else None
-            _SESSION = _Session(ctx, board_name, deadline, since=time.time())
-            rule = None if spec.search.pruner in RAY_SCHEDULERS else rule_for(spec, metric, direction)
-            trainable = tune.with_resources(
-                tune.with_parameters(_trainable, ctx=ctx, board=board_name, rule=rule),
-                {"cpu": spec.ray.cpus_per_trial, "gpu": spec.ray.gpus_per_trial})
-            path = experiment_path(ctx.out_dir)
-            restored = tune.Tuner.can_restore(str(path))
-            tuner = (self._restored_tuner(path, trainable) if restored
-                     else self._new_tuner(ctx, study, trainable, metric, direction, path))
-            interrupted, ended = self._fit(tuner, study, spec, progress)
-            self.stopped_because = _SESSION.stopped_because
-            if restored and ended and self.stopped_because is None and (deadline is None or time.time() < deadline):
-                # A restored experiment keeps the number of trials it began with: a larger --trials (or
-                # search.trials) runs the rest as a new experiment, with the current search.parallel.
-                _forget_orphans(ctx, study)
-                if _finished(study) < optuna_backend.trial_budget(spec):  # type: ignore[attr-defined]
-                    path = path.with_name(f"experiment-{len(_experiment_paths(ctx.out_dir)) + 1}")
-                    tuner = self._new_tuner(ctx, study, trainable, metric, direction, path)
+            # After ray.init, which installs a SIGTERM handler of its own that shuts Ray down at once.
+            with StopSignals("Ray Tune saves its state and stops the running trials",
+                             on_first=_ask_tune_to_stop) as signals:
+                try:
+                    board: Any = ray.remote(num_cpus=0)(_Board).options(
+                        name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(
+                            _finished_peers(study, metric), _finished_records(study))
+                    ray.get(board.record.remote(-1))  # placed and running before any trial asks
+                    deadline = time.time() + spec.search.timeout if spec.search.timeout else None
+                    _SESSION = _Session(ctx, board_name, deadline, since=time.time())
+                    rule = None if spec.search.pruner in RAY_SCHEDULERS else rule_for(spec, metric, direction)
+                    trainable = tune.with_resources(
+                        tune.with_parameters(_trainable, ctx=ctx, board=board_name, rule=rule),
+                        {"cpu": spec.ray.cpus_per_trial, "gpu": spec.ray.gpus_per_trial})
+                    path = experiment_path(ctx.out_dir)
+                    restored = tune.Tuner.can_restore(str(path))
+                    tuner = (self._restored_tuner(path, trainable) if restored
+                             else self._new_tuner(ctx, study, trainable, metric, direction, path))
                     interrupted, ended = self._fit(tuner, study, spec, progress)
                     self.stopped_because = _SESSION.stopped_because
-            if interrupted or (self.stopped_because is None and _unfinished(study, spec, deadline)):
-                raise SweepInterrupted()
-            _forget_orphans(ctx, study)
-            progress(optuna_backend._views(study, spec))
+                    if (restored and ended and self.stopped_because is None and not signals.requested.is_set()
+                            and (deadline is None or time.time() < deadline)):
+                        # A restored experiment keeps the number of trials it began with: a larger --trials (or
+                        # search.trials) runs the rest as a new experiment, with the current search.parallel.
+                        _forget_orphans(ctx, study)
+                        if _finished(study) < budget:
+                            path = path.with_name(f"experiment-{len(_experiment_paths(ctx.out_dir)) + 1}")
+                            tuner = self._new_tuner(ctx, study, trainable, metric, direction, path)
+                            interrupted, ended = self._fit(tuner, study, spec, progress)
+                            self.stopped_because = _SESSION.stopped_because
+                    if (interrupted or (signals.requested.is_set() and _finished(study) < budget)
+                            or (self.stopped_because is None and _unfinished(study, spec, deadline))):
+                        raise SweepInterrupted(signals.signum)
+                    _forget_orphans(ctx, study)
+                    progress(optuna_backend._views(study, spec))
+                except KeyboardInterrupt:  # a second signal, or a first one before Tune's loop began
+                    raise SweepInterrupted(signals.signum) from None
             return optuna_backend.records_from_study(study)
         finally:
             _SESSION = None
@@ -450,13 +509,16 @@ class RayBackend(Backend):
         )
 
     def _fit(self, tuner: Any, study: optuna.Study, spec: Spec, progress: ProgressSink) -> tuple[bool, bool]:
-        """Run Tune, showing progress from the journal. Returns (the user interrupted it twice, every
-        trial of the experiment ended: none left pending or running, as after Ctrl-C)."""
+        """Run Tune, showing progress from the journal. Returns (a signal stopped it at once, every trial
+        of the experiment ended: none left pending or running, as after Ctrl-C)."""
         stop = threading.Event()
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: sbsearch's display, not Tune's tables
         # A failed trial's last result has no objective (it diverged or crashed); Tune's strict check
         # would turn that into an error of the whole sweep instead of one FAIL record.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # SIGINT stays with sbsearch's StopSignals, which also handles SIGTERM, and passes the first of
+        # either on to Tune (``_ask_tune_to_stop``).
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
         def show() -> None:
             while not stop.wait(self.poll_seconds):
@@ -467,12 +529,24 @@ class RayBackend(Backend):
         shower.start()
         try:
             grid = tuner.fit()
-        except KeyboardInterrupt:  # a second Ctrl-C, while Tune was saving
+        except KeyboardInterrupt:  # a second signal, while Tune was saving (or a first one before its loop)
             return True, False
         finally:
             stop.set()
             shower.join()
+            if threading.current_thread() is threading.main_thread():
+                # Tune leaves its SIGUSR1 handler behind: a stop signal from now on finds no loop to stop.
+                signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         return False, grid.num_terminated + grid.num_errors == len(grid)
+
+
+def _ask_tune_to_stop() -> None:
+    """The first stop signal: inside ``Tuner.fit``, Tune saves the experiment's state and stops its trials,
+    as it does on SIGUSR1, its signal for this. Before Tune's loop began no trial runs: stop at once."""
+    tune_stops = signal.getsignal(signal.SIGUSR1)
+    if not callable(tune_stops):
+        raise KeyboardInterrupt
+    tune_stops(signal.SIGUSR1, None)
 
 
 def _on_this_node() -> Any:

@@ -43,15 +43,15 @@ class Knob:
         return self.vector_default if input_kind == "vector" and self.vector_default is not None else self.default
 
     def default_words(self) -> str:
-        """The default as help text shows it (``'start' (vectors: 'center')``)."""
+        """The default as a spec writes it, for help text (``'start' (vectors: 'center')``, ``false``)."""
         if self.vector_default is None:
-            return repr(self.default)
-        return f"{self.default!r} (vectors: {self.vector_default!r})"
+            return _yaml_word(self.default)
+        return f"{_yaml_word(self.default)} (vectors: {_yaml_word(self.vector_default)})"
 
     def rule(self) -> str:
         """The rule a value must follow, in the words of an error message."""
         if self.kind == "choice":
-            return "must be one of " + ", ".join(repr(c) for c in self.choices)
+            return "must be one of " + ", ".join(_yaml_word(c) for c in self.choices)
         if self.kind == "bool":
             return "must be true or false"
         noun = "an integer" if self.kind == "int" else "a finite number"
@@ -64,7 +64,7 @@ class Knob:
             words = f"must be {noun} {'<' if self.high_open else '<='} {_num(self.high)}"
         else:
             words = f"must be {noun}"
-        return words + "".join(f" or {p!r}" for p in self.presets)
+        return words + "".join(f" or {_yaml_word(p)}" for p in self.presets)
 
     def accepts(self, value: object) -> bool:
         """True when ``value`` follows this knob's rule (a number in range, or one of the presets)."""
@@ -91,6 +91,18 @@ class Knob:
         if self.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         return value
+
+
+def _yaml_word(value: object) -> str:
+    """A knob value as a spec writes it: ``true``, ``false``, ``null``, ``'grid'``, ``0.5``.
+
+    Strings keep their quotes (valid YAML), so that the choice ``'none'`` never reads as ``null``.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)
 
 
 def _num(x: float) -> str:
