@@ -418,17 +418,17 @@ def test_only_the_latest_attempt_of_a_trial_speaks_for_it() -> None:
 def test_sigterm_stops_the_driver_like_ctrl_c_and_the_sweep_resumes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    spec = _write_spec(tmp_path, train__epochs=4, search__pruner="none")
+    spec = _write_spec(tmp_path, train__epochs=3, search__trials=3, search__pruner="none")
     first = _sbsearch(spec, out)
-    _wait_for_line(first, " COMPLETE ")  # one trial done, others running or waiting
+    _wait_for_line(first, " COMPLETE ")  # one trial done, another running, one waiting
     os.kill(first.pid, signal.SIGTERM)  # what Kubernetes sends: Tune saves its state, the CLI exits 128 + 15
     code, output = _finish(first)
     assert code == 143, output[-3000:]
     assert "run the same command to resume" in output
     done_before = {row["number"] for row in _records(out)["csv"]}
-    assert 1 <= len(done_before) < 4
+    assert 1 <= len(done_before) < 3
 
     code, output = _finish(_sbsearch(spec, out))
     assert code == 0, output[-3000:]
-    r = _check_agreement(out, trials=4)  # one MLflow child run per trial, none twice
+    r = _check_agreement(out, trials=3)  # one MLflow child run per trial, none twice
     assert done_before <= {row["number"] for row in r["csv"]}, "a finished trial was lost"

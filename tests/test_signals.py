@@ -74,6 +74,8 @@ def _check_stopped_then_resumed(raw: dict[str, Any], spec: Path, out: Path, code
     slots = collections.Counter(int(t.user_attrs.get("sbsearch.slot", t.number)) for t in counted)
     assert sorted(slots) == list(range(_TRIALS)) and set(slots.values()) == {1}, slots
     interrupted = sorted(t.number for t in trials if t.user_attrs.get("sbsearch.interrupted"))
+    # Each worker stopped its own trial (at the epoch's end): the controller had to kill none.
+    assert not [t.number for t in trials if "killed" in t.user_attrs.get("sbsearch.interrupted", "")]
     requeued = sorted(t.user_attrs["sbsearch.requeued_from"] for t in trials
                       if "sbsearch.requeued_from" in t.user_attrs)
     assert requeued == [n for n in interrupted if trials[n].params], (interrupted, requeued)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from abc import ABC, abstractmethod
@@ -71,7 +72,8 @@ class StopSignals:
         self.signum = signum
         self.requested.set()
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: {self._announce} ({name} again to stop now)", flush=True)
+        with contextlib.suppress(RuntimeError):  # it came while stdout was being written: no line, rather than a crash
+            print(f"\n{name}: {self._announce} ({name} again to stop now)", flush=True)
         self._on_first()
 
 

@@ -14,6 +14,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -382,37 +383,48 @@ def _mark_interrupted(ctx: SweepContext, study: optuna.Study, number: int, why: 
         Tracker(ctx.tracking).delete_trial_runs(ctx.parent_run_id, number)
 
 
-def _first_stop_signal_interrupts() -> threading.Event:
-    """In a worker process: the first SIGINT or SIGTERM sets the returned event and raises KeyboardInterrupt,
-    so the running trial abandons its epoch and is queued again, as on Ctrl-C. Later ones are ignored: the
-    controller passes on a signal that the whole process group may have had already, and kills a worker
-    that does not stop. Installed whatever the worker inherited: a script's ``sweep &`` ignores SIGINT."""
-    received = threading.Event()
+def _stop_on_signals(stop: threading.Event) -> None:
+    """In a worker process: SIGINT and SIGTERM set ``stop``, which the running trial honours at its next
+    epoch end, as in the thread; the controller kills the workers on a second signal. Installed whatever
+    the worker inherited, since a sweep that a script started with ``&`` ignores SIGINT."""
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        received.set()
-        raise KeyboardInterrupt
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
 
     for s in STOP_SIGNALS:
-        signal.signal(s, interrupt)
-    return received
+        signal.signal(s, on_signal)
 
 
 def _requeue_running_trials_of(ctx: SweepContext, study: optuna.Study, pids: set[int | None]) -> None:
-    """The trials that stopped worker processes left running (killed, or stopped while claiming one)
-    are queued again, so the resumed sweep runs them."""
+    """The trials that killed worker processes left running (a second signal, or no stop within the grace
+    time) are queued again, so the resumed sweep runs them."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("sbsearch.pid") in pids:
-            _mark_interrupted(ctx, study, t.number, "the sweep was stopped while this trial ran")
+            _mark_interrupted(ctx, study, t.number, "its worker process was killed when the sweep was stopped")
 
 
-def _raise_keyboard_interrupt_in(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt in ``thread`` at the next Python instruction it runs (signals reach only
-    the main thread)."""
-    if thread.ident is not None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
+# What writes the study's journal and MLflow: an exception raised inside them can leave the journal's
+# lock broken and fail the trial, so a trial is interrupted only outside them.
+_WRITERS = ("optuna", "mlflow", "sqlalchemy", "sbsearch.tracking")
+
+
+def _interrupt_outside_writes(thread: threading.Thread, patience: float = 5.0) -> None:
+    """Raise KeyboardInterrupt in ``thread`` (signals reach only the main thread) while it is not inside
+    ``_WRITERS``; after ``patience`` seconds of writing, leave it to stop at its epoch end."""
+    end = time.monotonic() + patience
+    while thread.ident is not None and time.monotonic() < end:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is None:  # it has ended
+            return
+        writing = False
+        while frame is not None and not writing:
+            writing = str(frame.f_globals.get("__name__", "")).startswith(_WRITERS)
+            frame = frame.f_back
+        if not writing:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                       ctypes.py_object(KeyboardInterrupt))
+            return
+        time.sleep(0.005)
 
 
 def _process_worker(ctx: SweepContext, deadline: float | None, since: float) -> None:
@@ -424,10 +436,10 @@ def _process_worker(ctx: SweepContext, deadline: float | None, since: float) -> 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)
     if os.getppid() == 1:
         return
-    stopped = _first_stop_signal_interrupts()
-    with contextlib.suppress(KeyboardInterrupt):
-        _worker_loop(ctx, deadline, None, since)
-    if stopped.is_set():
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    _worker_loop(ctx, deadline, stop, since)
+    if stop.is_set():
         # Its trial is queued again. Not a clean exit: a controller that was not stopped itself (the signal
         # was for this worker alone) starts another worker in its place.
         raise SystemExit(1)
@@ -491,7 +503,7 @@ class OptunaBackend(Backend):
     def run(self, ctx: SweepContext, progress: ProgressSink) -> list[TrialRecord]:
         in_thread = ctx.spec.search.parallel == 1
         with StopSignals("stopping after the running trial's current epoch" if in_thread
-                         else "stopping the running trials") as signals:
+                         else "stopping after the running trials' current epochs") as signals:
             try:
                 study = open_study(ctx.spec, ctx.out_dir, _direction(ctx))
                 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -530,7 +542,7 @@ class OptunaBackend(Backend):
                 progress(_views(study, ctx.spec))
                 worker.join(self.poll_seconds)
         except KeyboardInterrupt:  # a second signal: the trial stops within its current batch, not epoch
-            _raise_keyboard_interrupt_in(worker)
+            _interrupt_outside_writes(worker)
             # Then it queues itself again; a process that exited while it trained would abort.
             finished.wait(30)
             raise SweepInterrupted(signals.signum) from None
@@ -564,14 +576,15 @@ class OptunaBackend(Backend):
                         start_one()
             if not signals.requested.is_set():
                 return
-            # The first signal: each worker abandons its trial's epoch and queues the trial again, as on
-            # Ctrl-C. SIGTERM, because a worker still starting up may have inherited SIGINT ignored.
+            # The first signal: each worker stops its trial at the epoch's end and queues it again, as the
+            # thread does. SIGTERM, because a worker still starting up may have inherited SIGINT ignored.
             for p in procs:
                 if p.is_alive() and p.pid is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p.pid, signal.SIGTERM)
+            grace = time.monotonic() + 60
             for p in procs:
-                p.join(60)
+                p.join(max(0.0, grace - time.monotonic()))
         except KeyboardInterrupt:  # a second signal: stop now
             pass
         for p in procs:
