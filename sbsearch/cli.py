@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -305,6 +307,10 @@ def _unexpected(args: argparse.Namespace, exc: BaseException) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        # A script's `sbsearch run ... &` starts it with Ctrl-C ignored: Ctrl-C works from the first line
+        # (the backends install their own handlers for SIGINT and SIGTERM while a sweep runs).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     if "_ARGCOMPLETE" in os.environ:
         _complete(parser)
