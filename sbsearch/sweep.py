@@ -42,6 +42,8 @@ HELD_OUT_TOP = 5
 # Keys a resumed sweep may change without becoming a different sweep.
 _RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment",
                       "ray.address"}
+# Keys added in later versions that an older sweep may lack and still resume, when they keep their default.
+_ADDED_KEYS_SAFE_AT_DEFAULT = {"search.repeat"}
 # Files that only sbsearch writes into an output folder: one of them marks the folder as one.
 _OUTPUT_MARKERS = ("tracking.json", "optuna.journal", "trials.csv")
 
@@ -155,11 +157,12 @@ def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
                             "did not write); choose a new or empty folder for --out, for example "
                             f"{out_dir / 'runs'}")
     old = yaml.safe_load(path.read_text(encoding="utf-8"))
-    # A key that a newer sbsearch added is absent from an older sweep's spec: at its default it changes nothing.
+    # A key that a newer sbsearch added is absent from an older sweep's spec: at its default it changes
+    # nothing, if it is one that leaves what a trial trains on and how alone (not data.test_fraction).
     defaults = _flat(spec_to_dict(parse_spec({})))
     now, before = _flat(resolved), _flat(old)
     changed = [k for k in _diff_keys(old, resolved) if k not in _RESUMABLE_CHANGES
-               and not (k not in before and k in defaults and now.get(k) == defaults[k])]
+               and not (k in _ADDED_KEYS_SAFE_AT_DEFAULT and k not in before and now.get(k) == defaults.get(k))]
     if changed:
         raise SbsearchError(f"--out: {out_dir} holds a different sweep (its spec differs at {', '.join(changed[:5])}); "
                             "resume it with its own spec or choose another --out")
