@@ -19,13 +19,17 @@ setup: $(BIN)/.installed
 quickstart: $(BIN)/.installed
 	$(BIN)/sbsearch run search_spaces/quickstart.yaml --out sbsearch-runs/quickstart
 
-# Browser tests need Chromium (Debian's package); installed when missing and we may.
+# Browser tests need Chromium, and the tests of sweeps that span machines a PostgreSQL server (the tests
+# start it themselves on 127.0.0.1): Debian's packages, installed when missing and we may.
 system-deps:
-	@if ! command -v chromium >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium (browser tests)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium not found: browser tests will be skipped"; fi; \
+	    echo "installing$$missing (browser and multi-machine tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "not installed:$$missing (their tests will be skipped)"; fi; \
 	fi
 
 # Every test, the slow end-to-end, cluster and browser ones included.

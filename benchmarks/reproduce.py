@@ -176,11 +176,12 @@ def run_one(job: tuple[int, int, dict[str, Any]]) -> tuple[int, int, float, floa
     index, seed, raw = job
     torch.set_num_threads(1)  # two processes on two cores
     spec = parse_spec({**raw, "seed": seed})
-    split, desc = build_trial(spec, config_from_params(spec, {}))
+    config = config_from_params(spec, {})
+    split, desc = build_trial(spec, config)
     start = time.process_time()
     metric = _metric_name(raw)
     try:
-        result = train(split, desc, train_plan(spec))
+        result = train(split, desc, train_plan(spec), strategies=config.all_settings())
         val, test = result.final[f"val_{metric}"], result.test[f"test_{metric}"]
     except TrialDiverged:
         val = test = math.nan

@@ -99,11 +99,12 @@ def run_config(job: tuple[str, int, dict[str, Any]]) -> dict[str, float]:
     space, index, params = job
     spec = parse_spec(SPACES[space])
     metric = DATASETS[spec.data.dataset].objective[0]
-    split, desc = build_trial(spec, config_from_params(spec, params))
+    config = config_from_params(spec, params)
+    split, desc = build_trial(spec, config)
     row: dict[str, float] = {"index": float(index), **_init_signals(split, desc, spec.seed)}
     start = time.perf_counter()
     try:
-        result = train(split, desc, train_plan(spec))
+        result = train(split, desc, train_plan(spec), strategies=config.all_settings())
     except Exception:  # a diverged configuration has no final metric: left out of the correlations
         return {**row, "final": math.nan}
     first = next((k for k in result.history[0] if k.startswith("sb_score.")), None)  # in layer order

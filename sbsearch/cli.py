@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"search.trials": args.trials, "train.epochs": args.epochs, "seed": args.seed,
             "search.backend": args.backend, "search.parallel": getattr(args, "parallel", None),
-            "ray.address": getattr(args, "address", None)}
+            "ray.address": getattr(args, "address", None), "search.storage": getattr(args, "storage", None)}
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -52,7 +52,8 @@ def _load(args: argparse.Namespace) -> Any:
         return with_overrides(spec, _overrides(args))
     except SpecError as exc:  # name the flag, not only the key it sets
         flags = {"search.trials": "--trials", "train.epochs": "--epochs", "seed": "--seed",
-                 "search.backend": "--backend", "search.parallel": "--parallel", "ray.address": "--address"}
+                 "search.backend": "--backend", "search.parallel": "--parallel", "ray.address": "--address",
+                 "search.storage": "--storage"}
         raise SpecError([Problem(f"{flags.get(p.path, p.path)}", p.rule, p.value, p.hint) for p in exc.problems]) from None
 
 
@@ -127,11 +128,11 @@ def _print_notes(spec: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from sbsearch.spec import spec_to_dict
+    from sbsearch.sweep import public_spec
 
     spec = _load_sweep(args)
     _print_notes(spec)
-    print(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), end="")
+    print(yaml.safe_dump(public_spec(spec), sort_keys=False), end="")  # a storage password stays unshown
     size = spec.space_size()
     searched = ", ".join(p.name for p in spec.searched) or "nothing"
     print(f"# search space: {'continuous (infinite)' if size == float('inf') else int(size)} configurations "
@@ -161,8 +162,11 @@ def _add_spec_args(p: argparse.ArgumentParser, run: bool) -> None:
     p.add_argument("--trials", type=int, help="override search.trials")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--seed", type=int, help="override seed")
-    p.add_argument("--backend", help="override search.backend (optuna or ray)")
+    p.add_argument("--backend", help="override search.backend (an error lists the backends there are)")
     if run:
+        p.add_argument("--storage", help="override search.storage: where the trials are kept (a journal file or an RDB "
+                                         "URL such as postgresql://user@host/db); processes naming the same storage "
+                                         "run one sweep between them")
         p.add_argument("--parallel", type=int, help="override search.parallel")
         p.add_argument("--out", help="folder for the study, trials.csv and artifacts (default sbsearch-runs/<name>)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db, under --out when given)")

@@ -1,8 +1,8 @@
 """Data sets and the input side of the strategies: load, split by seed, expand, normalise.
 
 Every loader returns raw inputs (images in [0, 1], vectors in their own units, function inputs on the
-spec's domain) with a fixed train/validation/test split; ``prepare`` then applies the trial's expansion
-and the normalisation, in the order the spec asks for.
+spec's domain) with a fixed train/validation/test split; ``prepare_inputs`` then runs the trial's input
+pipeline: the strategies' steps (``strategies.InputTransform``) and the normalisation, by stage.
 
 The test split is held out of the search: the trainer measures it once, at the end of a trial that
 ran every epoch, and only the configurations chosen on validation are ever shown with it. Built-in
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sbsearch.strategies import Settings, expand
+from sbsearch.strategies import InputTransform, Settings, input_transforms
 
-__all__ = ["DATASETS", "FUNCTIONS", "DataOptions", "DatasetInfo", "Split", "input_pipeline", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "FUNCTIONS", "DataOptions", "DatasetInfo", "Split", "input_pipeline", "load_dataset", "prepare",
+           "prepare_inputs"]
 
 Task = Literal["classification", "regression"]
 
@@ -53,8 +54,8 @@ class Split:
 
     ``x_test``/``y_test`` are ``None`` when the data has no test split (``test_fraction: 0``).
     ``train_pipeline``, when set, is the input pipeline still owed to the training inputs: ``x_train``
-    then holds the inputs before it (normalised or raw, unexpanded), so that the trainer can apply the
-    symmetry transforms of the data first and the pipeline (expansion, normalisation) after them.
+    then holds the raw inputs, so that the trainer can apply the ``symmetry`` stage of the pipeline
+    (and the loss terms that read the image) first and the rest (expansion, normalisation) after it.
     Validation and test inputs are always fully prepared.
     """
 
@@ -478,44 +479,58 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean.view(shape)) / std.clamp_min(1e-6).view(shape)
 
 
-def input_pipeline(split: Split, expansion: Settings, normalize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The trial's input pipeline for raw inputs of ``split``: expansion and normalisation, in the order
-    the spec asks for.
+Pipeline = Callable[[torch.Tensor], torch.Tensor]
 
-    With ``fill_space: raw`` the constant is placed in raw input units and normalised with the
-    original pixels' statistics (what a data pipeline that expands before ``Normalize`` does);
-    with ``normalized`` the constant is placed as-is into already normalised inputs. Vector features
-    have per-feature statistics that the added constants do not share, so vectors are normalised first
-    (the spec refuses ``fill_space: raw`` for normalised vector data).
+
+def input_pipeline(split: Split, steps: Sequence[InputTransform], normalize: bool = True) -> Pipeline:
+    """The deterministic part of a trial's input pipeline for raw inputs of ``split``: the ``raw`` steps,
+    the normalisation with the training inputs' statistics, then the ``normalized`` steps.
+
+    ``symmetry`` steps are random and for training batches only: the trainer runs them, before this.
     """
-    raw_first = expansion["fill_space"] == "raw" and split.input_kind == "image"
+    raw = [step for step in steps if step.stage == "raw"]
+    normalized = [step for step in steps if step.stage == "normalized"]
 
     def pipeline(x: torch.Tensor) -> torch.Tensor:
-        if raw_first:
-            x = expand(x, expansion)
-            return _normalise(x, split.mean, split.std) if normalize else x
+        for step in raw:
+            x = step.apply(x, None)
         x = _normalise(x, split.mean, split.std) if normalize else x
-        return expand(x, expansion)
+        for step in normalized:
+            x = step.apply(x, None)
+        return x
 
     return pipeline
 
 
-def prepare(split: Split, expansion: Settings, normalize: bool = True, defer_train: bool = False) -> Split:
-    """Expand and normalise a split as one trial asks (see ``input_pipeline``).
+def prepare_inputs(split: Split, steps: Sequence[InputTransform], normalize: bool = True,
+                   defer_train: bool = False) -> Split:
+    """Run the deterministic input pipeline (``input_pipeline``) over a split.
 
     Args:
         split: raw inputs, as a loader returns them.
-        expansion: the expansion's settings.
+        steps: the trial's input steps (``strategies.input_transforms``).
         normalize: standardise with the training inputs' statistics.
         defer_train: leave the training inputs raw and hand the pipeline to the trainer
-            (``Split.train_pipeline``), which applies it to each batch after the symmetry transforms
-            of the data (augmentation, the invariance penalty's group action): a rotation then turns
-            the image, never the expanded canvas and its constants. Validation and test inputs are
-            prepared here either way.
+            (``Split.train_pipeline``), which applies it to each batch after the ``symmetry`` steps
+            (augmentation) and lets loss terms see the batch before it (the invariance penalty's group
+            action): a rotation then turns the image, never the expanded canvas and its constants.
+            Validation and test inputs are prepared here either way.
     """
-    pipeline = input_pipeline(split, expansion, normalize)
+    pipeline = input_pipeline(split, steps, normalize)
     test = None if split.x_test is None else pipeline(split.x_test).contiguous()
     if defer_train:
         return replace(split, x_val=pipeline(split.x_val).contiguous(), x_test=test, train_pipeline=pipeline)
     return replace(split, x_train=pipeline(split.x_train).contiguous(), x_val=pipeline(split.x_val).contiguous(),
                    x_test=test)
+
+
+def prepare(split: Split, expansion: Settings, normalize: bool = True, defer_train: bool = False) -> Split:
+    """``prepare_inputs`` with the expansion as the only strategy: the data a plain model is trained on
+    in tests and benchmarks. A trial's inputs come from every strategy (``trial.build_trial``).
+
+    Example:
+        >>> split = prepare(load_dataset("digits", 0.25, 0), {**expansion_defaults, "factor": 2})
+        >>> split.x_train.shape[1:]
+        torch.Size([1, 16, 16])
+    """
+    return prepare_inputs(split, input_transforms({"expansion": expansion}, split.input_kind), normalize, defer_train)

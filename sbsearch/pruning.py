@@ -37,12 +37,9 @@ import numpy as np
 from sbsearch.spec import Spec
 
 __all__ = ["PeerTrial", "PruningRule", "NoPruning", "MedianRule", "SuccessiveHalvingRule", "HyperbandRule",
-           "WassersteinRule", "CombinedRule", "PRUNERS", "SCORE_DIRECTIONS", "FALLBACKS", "make_rule",
-           "rule_for", "learned_sign"]
+           "WassersteinRule", "CombinedRule", "PRUNERS", "make_rule", "rule_for", "learned_sign"]
 
 SCORE = "sb_score"
-SCORE_DIRECTIONS = ("learned", "low_is_good", "high_is_good")
-FALLBACKS = ("none", "median")
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def rank_configs(spec: Spec, configs: int = 10, steps: int = 50, subset: float =
         start = time.perf_counter()
         try:
             split, desc = build_trial(spec, config)
-            result = train(_subset(split, subset, spec.seed), desc, plan)
+            result = train(_subset(split, subset, spec.seed), desc, plan, strategies=config.all_settings())
             score, metric = result.final.get("sb_score", math.nan), result.final.get(metric_name, math.nan)
         except Exception:  # a diverging or failing configuration ranks last, it does not end the ranking
             score = metric = math.nan

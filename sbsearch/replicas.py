@@ -82,6 +82,17 @@ class ReplicaStack:
             return list(self._params.values())
         return [param for model in self._models for param in model.parameters()]
 
+    def stacked_parameters(self) -> dict[str, Tensor]:
+        """Every parameter stacked over replicas (R, ...), by name as `named_parameters()`.
+
+        These are the trained tensors themselves (batched) or a stack of them (sequential): a loss
+        built from them reaches every replica's own parameters, so a penalty on weights trains them.
+        """
+        if self.batched:
+            return dict(self._params)
+        per_model = [dict(model.named_parameters()) for model in self._models]
+        return {name: torch.stack([params[name] for params in per_model]) for name in per_model[0]}
+
     def __call__(self, x: Tensor) -> Tensor:
         """Run every replica on the same batch x of shape (B, ...); returns (R, B, ...)."""
         if self.batched:

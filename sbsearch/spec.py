@@ -112,10 +112,33 @@ class TrainSpec:
                       ("must be >= 0", lambda x: x >= 0))
 
 
+def backend_names() -> tuple[str, ...]:
+    """The search backends: each module of ``sbsearch/backends/`` but ``base`` is one, named by its file.
+
+    Read from the folder rather than imported, since a backend imports its framework (Ray) when loaded:
+    adding a backend is adding its module (``sbsearch.backends.get_backend`` loads it).
+    """
+    folder = Path(__file__).with_name("backends")
+    return tuple(sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem != "base"))
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     backend: str = _f("optuna", "search backend: optuna (this machine) or ray (a Ray cluster, see the ray section)",
-                      choices=lambda: ("optuna", "ray"))
+                      choices=lambda: backend_names())
+    storage: Union[str, None] = _f(None, "where the sweep's trials are kept: null = OUT/optuna.journal; a journal file's "
+                                   "path; or an RDB URL (postgresql://user@host/db, mysql://..., sqlite:///file.db). "
+                                   "Processes on several machines that name the same storage (each with its own --out) "
+                                   "run one sweep between them. A password in the URL is never written to files or "
+                                   "MLflow: prefer PGPASSWORD or ~/.pgpass. --storage overrides it",
+                                   ("must be a journal file's path or an RDB URL (sqlite://, postgresql://, mysql://)",
+                                    lambda x: isinstance(x, str) and x.strip() != "" and (
+                                        "://" not in x or x.partition("://")[0].partition("+")[0].lower()
+                                        in ("sqlite", "postgresql", "mysql"))))
+    stale_after: float = _f(120.0, "seconds a process that runs trials of a shared storage may stay silent before "
+                                   "another process takes its running trials over and runs them again (each process "
+                                   "says it is alive every few seconds; clocks must agree to well within this)",
+                            ("must be >= 5", lambda x: x >= 5))
     sampler: str = _f("tpe", "how trials pick values: tpe (Bayesian), random, or grid (every combination)",
                       choices=lambda: ("tpe", "random", "grid"))
     trials: int = _f(20, "finished trials the sweep aims for (completed, pruned or failed)",

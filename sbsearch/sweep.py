@@ -30,8 +30,9 @@ from sbsearch.logs import log_to_file
 from sbsearch.progress import SweepDisplay, top_table
 from sbsearch.space import trial_budget
 from sbsearch.spec import Spec, parse_spec, spec_to_dict
+from sbsearch.study import JOURNAL, Store, new_owner, redact, same_sweep_changes, storage_url
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
-from sbsearch.trial import SweepContext, TrialRecord
+from sbsearch.trial import SweepContext, TrialRecord, final_metrics
 
 __all__ = ["HELD_OUT_TOP", "SweepResult", "chosen_on_validation", "run_sweep", "relog_sweep", "sweep_key", "tracking_info",
            "default_out_dir", "prepare_out_dir", "write_trials_csv"]
@@ -39,13 +40,8 @@ __all__ = ["HELD_OUT_TOP", "SweepResult", "chosen_on_validation", "run_sweep", "
 HELD_OUT_TOP = 5
 """How many configurations, chosen on validation, a finished sweep shows with their test-split numbers."""
 
-# Keys a resumed sweep may change without becoming a different sweep.
-_RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "tracking.uri", "tracking.experiment",
-                      "ray.address"}
-# Keys added in later versions that an older sweep may lack and still resume, when they keep their default.
-_ADDED_KEYS_SAFE_AT_DEFAULT = {"search.repeat"}
 # Files that only sbsearch writes into an output folder: one of them marks the folder as one.
-_OUTPUT_MARKERS = ("tracking.json", "optuna.journal", "trials.csv")
+_OUTPUT_MARKERS = ("tracking.json", JOURNAL, "trials.csv")
 
 
 @dataclass
@@ -92,6 +88,14 @@ def _heldout(result: SweepResult) -> dict[int, tuple[int, dict[str, float]]]:
     return {r.number: (rank, r.test) for rank, r in enumerate(result.chosen, start=1) if r.test}
 
 
+def public_spec(spec: Spec) -> dict[str, Any]:
+    """The resolved spec as written to ``OUT/spec.yaml`` and MLflow: the storage URL without its password."""
+    resolved = spec_to_dict(spec)
+    if resolved["search"].get("storage"):
+        resolved["search"]["storage"] = redact(resolved["search"]["storage"])
+    return resolved
+
+
 def default_out_dir(spec: Spec) -> Path:
     return Path("sbsearch-runs") / spec.name
 
@@ -128,25 +132,6 @@ def _sweep_lock(out_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys: list[str] = []
-        for k in sorted(set(old) | set(new), key=str):
-            keys += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        return keys
-    return [] if old == new else [prefix.rstrip(".")]
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping's leaves by dotted key."""
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
     path = out_dir / "spec.yaml"
     if not path.exists():
@@ -159,10 +144,7 @@ def _check_same_sweep(out_dir: Path, resolved: dict[str, Any]) -> None:
     old = yaml.safe_load(path.read_text(encoding="utf-8"))
     # A key that a newer sbsearch added is absent from an older sweep's spec: at its default it changes
     # nothing, if it is one that leaves what a trial trains on and how alone (not data.test_fraction).
-    defaults = _flat(spec_to_dict(parse_spec({})))
-    now, before = _flat(resolved), _flat(old)
-    changed = [k for k in _diff_keys(old, resolved) if k not in _RESUMABLE_CHANGES
-               and not (k in _ADDED_KEYS_SAFE_AT_DEFAULT and k not in before and now.get(k) == defaults.get(k))]
+    changed = same_sweep_changes(old, resolved)
     if changed:
         raise SbsearchError(f"--out: {out_dir} holds a different sweep (its spec differs at {', '.join(changed[:5])}); "
                             "resume it with its own spec or choose another --out")
@@ -229,9 +211,13 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
     out.mkdir(parents=True, exist_ok=True)
     log_to_file(out)  # the frameworks' log lines and warnings go there, not into the live table
     metric, direction = DATASETS[spec.data.dataset].objective
-    resolved = spec_to_dict(spec)
+    resolved = public_spec(spec)
     with _sweep_lock(out):
         _check_same_sweep(out, resolved)
+        # Opened (created, or joined from another machine) before anything is logged: a storage that
+        # cannot be reached, or a sweep there with another spec, stops the run here.
+        owner = new_owner()
+        store = Store.open(spec, out, direction, owner=owner, resolved=resolved)
         spec_yaml = yaml.safe_dump(resolved, sort_keys=False)
         (out / "spec.yaml").write_text(spec_yaml, encoding="utf-8")
         target, parent = None, None
@@ -240,21 +226,23 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
         saved = tracking_info(out)
         # A new id each time a folder starts a sweep: a sweep begun again in a deleted and recreated
         # folder gets a new MLflow parent run instead of reusing the old sweep's runs.
-        sweep_id = saved.get("sweep_id") if (out / "optuna.journal").exists() else None
-        info = {"uri": uri, "experiment": spec.tracking.experiment or spec.name, "sweep_id": sweep_id or uuid.uuid4().hex[:12]}
+        sweep_id = saved.get("sweep_id") if saved.get("storage") or (out / JOURNAL).exists() else None
+        info = {"uri": uri, "experiment": spec.tracking.experiment or spec.name, "sweep_id": sweep_id or uuid.uuid4().hex[:12],
+                "storage": redact(store.url)}
         (out / "tracking.json").write_text(json.dumps(info), encoding="utf-8")
         if track:
             target = TrackingTarget(uri, spec.tracking.experiment or spec.name, (out / "mlartifacts").as_uri())
             tracker = Tracker(target)
             tracker.check_reachable()
-            parent = tracker.start_sweep(spec.name, resolved, sweep_key=sweep_key(spec, out), spec_yaml=spec_yaml)
+            parent = tracker.start_sweep(spec.name, resolved, sweep_key=sweep_key(spec, out), spec_yaml=spec_yaml,
+                                         study_id=store.study_id)
         threads = spec.train.threads or max(1, (os.cpu_count() or 1) // spec.search.parallel)
-        ctx = SweepContext(spec, out, target, parent, threads)
+        ctx = SweepContext(spec, out, target, parent, threads, owner=owner, study_id=store.study_id)
         budget = trial_budget(spec)
         searched = [p.name for p in spec.searched]
         try:
             backend = get_backend(spec.search.backend)
-            with SweepDisplay(console, budget, metric, direction) as display:
+            with store.heartbeats(spec.search.stale_after), SweepDisplay(console, budget, metric, direction) as display:
                 records = backend.run(ctx, display)
         except BaseException as exc:
             if isinstance(exc, SweepInterrupted) and tracker is not None and parent is not None:
@@ -262,11 +250,7 @@ def run_sweep(spec: Spec, out_dir: Path | None = None, tracking_uri: str | None 
             # Whatever stopped the sweep, what finished is on disk in a form people can open
             # (a sweep that ends normally writes trials.csv from its records below).
             with contextlib.suppress(Exception):
-                from sbsearch.backends.optuna import load_study, records_from_study
-
-                study = load_study(spec, out)
-                if study is not None:
-                    write_trials_csv(out / "trials.csv", records_from_study(study), searched)
+                write_trials_csv(out / "trials.csv", store.records(), searched)
             raise
         result = SweepResult(spec, out, records, metric, direction, uri if track else None, parent,
                              time.perf_counter() - start)
@@ -330,7 +314,6 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
     Trials whose child run already carries their final state are left alone, so relogging twice
     changes nothing. Returns (trials written, trials already there).
     """
-    from sbsearch.backends.optuna import load_study, records_from_study
     from sbsearch.spec import load_spec
 
     out = out_dir.resolve()
@@ -339,16 +322,17 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
     spec = load_spec(out / "spec.yaml")
     saved = tracking_info(out)
     uri = tracking_uri or saved.get("uri") or default_tracking_uri(out)
-    study = load_study(spec, out)
-    records = records_from_study(study) if study is not None else []
+    store = Store.load(spec, out)
+    records = store.records() if store is not None else []
     with _sweep_lock(out):
         target = TrackingTarget(uri, saved.get("experiment") or spec.tracking.experiment or spec.name,
                                 (out / "mlartifacts").as_uri())
         tracker = Tracker(target)
         tracker.check_reachable()
-        resolved = spec_to_dict(spec)
+        resolved = public_spec(spec)
         parent = tracker.start_sweep(spec.name, resolved, sweep_key=sweep_key(spec, out),
-                                     spec_yaml=yaml.safe_dump(resolved, sort_keys=False))
+                                     spec_yaml=yaml.safe_dump(resolved, sort_keys=False),
+                                     study_id=store.study_id if store is not None else "")
         done = {run.data.tags.get("sbsearch.trial_number"): run.data.tags.get("sbsearch.state")
                 for run in tracker.trial_runs(parent)}
         written = 0
@@ -362,9 +346,7 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
             run_id = tracker.start_trial(parent, r.number, config.params, trial_run_name(r.number, config))
             for epoch, metrics in enumerate(r.history, start=1):
                 tracker.log_epoch(run_id, epoch, metrics)
-            final = {**r.final, "duration_s": r.seconds, "startup_s": r.startup_seconds,
-                     "epochs_run": float(r.epochs_run)}
-            tracker.end_trial(run_id, r.state, final, {"sbsearch.reason": r.reason} if r.reason else {})
+            tracker.end_trial(run_id, r.state, final_metrics(r), {"sbsearch.reason": r.reason} if r.reason else {})
             written += 1
         metric, direction = DATASETS[spec.data.dataset].objective
         result = SweepResult(spec, out, records, metric, direction, uri, parent, 0.0)
@@ -395,7 +377,8 @@ def print_summary(result: SweepResult, console: Console) -> None:
                       f"{best.final[result.metric]:.4f}{held_out}):")
         for k in searched:
             console.print(f"  {k}: {best.params.get(k)}", highlight=False)
-    console.print(f"Results: {result.out_dir}/trials.csv, study {result.out_dir}/optuna.journal", highlight=False)
+    console.print(f"Results: {result.out_dir}/trials.csv, study {redact(storage_url(result.spec, result.out_dir))}",
+                  highlight=False)
     if result.unlogged or result.tracking_error:
         which = f"trials {', '.join(map(str, result.unlogged))}" if result.unlogged else "the sweep's summary"
         console.print(f"[bold red]The MLflow store failed[/bold red] ({result.tracking_error or 'during the sweep'}): "

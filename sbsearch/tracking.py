@@ -116,13 +116,20 @@ class Tracker:
         return self._experiment_id
 
     # --- the sweep's parent run -------------------------------------------------------------------
-    def start_sweep(self, name: str, spec: Mapping[str, Any], sweep_key: str, spec_yaml: str = "") -> str:
-        """Create the sweep's parent run, or find it again when the sweep is resumed."""
+    def start_sweep(self, name: str, spec: Mapping[str, Any], sweep_key: str, spec_yaml: str = "",
+                    study_id: str = "") -> str:
+        """Create the sweep's parent run, or find it again when the sweep is resumed.
+
+        ``study_id`` names the store of the sweep's trials: every process that joins the sweep from its
+        own folder has a parent run of its own, and the id ties them together (``delete_runs_of_trial``).
+        """
         found = self.find_sweep(sweep_key)
         if found is not None:
             _retry(lambda: self.client.update_run(found, status="RUNNING"))
             return found
         tags = {"sbsearch.sweep_key": sweep_key, "sbsearch.role": "sweep"}
+        if study_id:
+            tags["sbsearch.study_id"] = study_id
         run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=f"sweep {name}", tags=tags))
         run_id = run.info.run_id
         self._log(run_id, params=_flatten(spec, skip=("space",)))
@@ -196,6 +203,13 @@ class Tracker:
         """Hide the runs of an attempt of trial ``number`` that will not be its record."""
         for run in self.runs_of_trial(parent_id, number):
             _retry(lambda: self.client.delete_run(run.info.run_id))
+
+    def delete_runs_of_trial(self, study_id: str, number: int) -> None:
+        """Hide the runs of trial ``number`` under every parent run of the sweep ``study_id``: a process that
+        died left its attempt under its own parent, and another process runs the trial again under its own."""
+        parents = self._find_runs(f"tags.`sbsearch.study_id` = '{_quote(study_id)}' and tags.`sbsearch.role` = 'sweep'")
+        for parent in parents:
+            self.delete_trial_runs(parent.info.run_id, number)
 
     def _find_runs(self, filter_string: str) -> list[Any]:
         runs: list[Any] = []

@@ -9,22 +9,31 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from sbsearch.data import Split
 from sbsearch.errors import TrialDiverged
-from sbsearch.group_conv import act_on_image, act_on_image_batch, get_group
 from sbsearch.metrics import per_replica_metric, task_loss
 from sbsearch.models import FROZEN_MASK, FROZEN_VALUE, build_model, count_parameters, first_layer_bias_name
+from sbsearch.replicas import ReplicaStack
 from sbsearch.score import default_score_layers, drift_score, replica_score
-from sbsearch.strategies import ModelDesc
+from sbsearch.strategies import (
+    BatchInputs,
+    InputTransform,
+    LossBatch,
+    ModelDesc,
+    ReplicaStart,
+    Settings,
+    input_transforms,
+    loss_terms,
+)
 
-__all__ = ["Report", "TrainPlan", "TrainResult", "invariance_penalty", "replica_seeds", "resolve_device", "train"]
+__all__ = ["Report", "TrainPlan", "TrainResult", "replica_seeds", "resolve_device", "train"]
 
 Report = Callable[[int, dict[str, float]], bool]
 """``report(epoch, metrics) -> stop?``; epochs count from 1."""
@@ -54,7 +63,6 @@ class TrainResult:
     """What a finished (or stopped) training produced."""
 
     epochs_run: int
-    stopped_early: bool
     final: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     num_parameters: int = 0
@@ -77,6 +85,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _Replicas(Protocol):
+    """What training needs of its R replicas: ``ReplicaStack``, or ``_Single`` for one replica."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, ...) -> (R, B, out)
+
+    def parameters(self) -> list[torch.Tensor]: ...
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def replica_weights(self, names: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]: ...
+
+    def stacked_parameters(self) -> dict[str, torch.Tensor]: ...
+
+
 class _Single:
     """One model behind the (R, B, out) interface of a replica stack, without any vmap overhead."""
 
@@ -92,6 +114,16 @@ class _Single:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+    def replica_weights(self, names: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        """As ``ReplicaStack.replica_weights``: a list of one replica's detached parameters."""
+        wanted = set(names) if names is not None else None
+        return [{name: p.detach().clone() for name, p in self.model.named_parameters()
+                 if wanted is None or name in wanted}]
+
+    def stacked_parameters(self) -> dict[str, torch.Tensor]:
+        """As ``ReplicaStack.stacked_parameters``: every parameter as a (1, ...) view, trainable through it."""
+        return {name: p.unsqueeze(0) for name, p in self.model.named_parameters()}
 
 
 LBFGS_ITERATIONS = 20
@@ -125,7 +157,8 @@ def _evaluate(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: t
     return torch.as_tensor(loss_sum) / n, torch.as_tensor(metric_sum) / n  # (R,), (R,)
 
 
-def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None = None) -> TrainResult:
+def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None = None,
+          strategies: Mapping[str, Settings] | None = None) -> TrainResult:
     """Train ``plan.replicas`` models of ``desc`` on ``split`` and report after every epoch.
 
     Metrics per epoch: ``train_loss``, ``val_loss`` and ``val_<metric>`` (mean over replicas), and
@@ -133,8 +166,10 @@ def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None 
     that ran every epoch, into ``TrainResult.test``; ``report`` never sees it, so nothing that decides
     during a sweep (sampler, pruner, ranking) can.
 
-    When ``split.train_pipeline`` is set, each training batch goes through the symmetry transforms of
-    the data (augmentation, the invariance penalty's group action) first and the pipeline after.
+    ``strategies`` (every strategy's settings, by name) brings in the strategies' training-time hooks:
+    each training batch goes through their ``symmetry`` input steps (augmentation) before the rest of
+    the pipeline (``split.train_pipeline``, when the split deferred it), and their loss terms join the
+    task loss. Without it, the trainer trains ``desc`` on the split as prepared.
 
     Raises:
         TrialDiverged: when the training loss becomes NaN or infinite.
@@ -148,10 +183,11 @@ def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None 
     # does not depend on which trials ran before it in the same process (or on how long they ran).
     with torch.random.fork_rng(devices=[] if torch.device(plan.device).type != "cuda" else None):
         torch.manual_seed(plan.seed + 2)
-        return _train(split, desc, plan, report)
+        return _train(split, desc, plan, report, strategies or {})
 
 
-def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None) -> TrainResult:
+def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None,
+           strategies: Mapping[str, Settings]) -> TrainResult:
     start = time.perf_counter()
     device = torch.device(plan.device)
     models = [build_model(desc, s).to(device) for s in replica_seeds(plan.seed, plan.replicas)]
@@ -166,11 +202,14 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_val, y_val = split.x_val.to(device), split.y_val.to(device)
     pipeline = split.train_pipeline
+    symmetry = [step for step in input_transforms(strategies, split.input_kind) if step.stage == "symmetry"]
+    terms = _start_loss_terms(strategies, net, models[0], plan)
+    assert not (lbfgs and symmetry), "the spec refuses random input transforms under full-batch L-BFGS"
     if pipeline is not None and lbfgs:  # full-batch steps have no per-batch transform to come first
         x_train, pipeline = pipeline(x_train), None
     n, metric = x_train.shape[0], f"val_{split.metric}"
     score_layers = _score_layers(models[0], plan.score_layers)
-    initial = _final_weights(net, score_layers) if plan.score and score_layers else []
+    initial = net.replica_weights(score_layers) if plan.score and score_layers else []
     order = torch.Generator().manual_seed(plan.seed)
     history: list[dict[str, float]] = []
     stopped = False
@@ -178,7 +217,8 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     for epoch in range(1, plan.epochs + 1):
         net.train()
         if lbfgs:
-            train_loss = _lbfgs_epoch(models, lbfgs_optimizers, x_train, y_train, split.task, plan.weight_decay, frozen)
+            train_loss = _lbfgs_epoch(models, lbfgs_optimizers, x_train, y_train, split.task, plan.weight_decay, frozen,
+                                      terms)
             _restore_frozen(frozen)
             steps += 1
         else:
@@ -188,7 +228,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
             seen = 0
             for i in range(0, n, plan.batch_size):
                 idx = perm[i : i + plan.batch_size]
-                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, desc, augment, pipeline)
+                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, augment, pipeline, symmetry, terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
@@ -207,7 +247,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
         if plan.replicas > 1:
             metrics[f"{metric}_std"] = val_metric.std().item()
         if initial:
-            metrics.update(_score_metrics(_final_weights(net, score_layers), initial, score_layers))
+            metrics.update(_score_metrics(net.replica_weights(score_layers), initial, score_layers))
         history.append(metrics)
         if report is not None and report(epoch, metrics):
             stopped = epoch < plan.epochs
@@ -221,9 +261,9 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
         test = {f"test_{split.metric}": test_metric.mean().item(), "test_loss": test_loss.mean().item()}
         if plan.replicas > 1:
             test[f"test_{split.metric}_std"] = test_metric.std().item()
-    return TrainResult(epochs_run=epoch, stopped_early=stopped, final=dict(history[-1]), history=history,
+    return TrainResult(epochs_run=epoch, final=dict(history[-1]), history=history,
                        num_parameters=count_parameters(models[0]), seconds=time.perf_counter() - start,
-                       weights=_final_weights(net), test=test)
+                       weights=net.replica_weights(), test=test)
 
 
 def _named(params: list[torch.Tensor], model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
@@ -275,35 +315,39 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def invariance_penalty(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor,
-                       group: str, element: int, pipeline: Pipeline | None = None) -> torch.Tensor:
-    """Sum over replicas of ``mean |f(P(g.x)) - f(P(x))|^2`` for one group element ``g``.
+LossFn = Callable[[LossBatch], torch.Tensor]
 
-    ``x`` is the batch before the input pipeline ``P`` (expansion, normalisation; the identity when
-    ``None``), so ``g`` turns the image and never the expanded canvas; ``out`` is ``net(P(x))``
-    (R, B, out), already computed for the task loss.
+
+def _start_loss_terms(strategies: Mapping[str, Settings], net: _Replicas, model: nn.Module,
+                      plan: TrainPlan) -> list[LossFn]:
+    """Set up every strategy's loss term once, from the replicas as they start."""
+    terms = loss_terms(strategies)
+    if not terms:
+        return []
+    stacked = net.stacked_parameters()
+    start = ReplicaStart(tuple(replica_seeds(plan.seed, plan.replicas)),
+                         {name: stacked[name].detach().clone() for name in default_score_layers(model)})
+    return [term.start(start) for term in terms]
+
+
+def _batch_loss(net: _Replicas, x: torch.Tensor, y: torch.Tensor, task: str, generator: torch.Generator,
+                pipeline: Pipeline | None = None, symmetry: Sequence[InputTransform] = (),
+                terms: Sequence[LossFn] = ()) -> torch.Tensor:
+    """The task loss of one batch, with the strategies' ``symmetry`` input steps and loss terms.
+
+    The symmetry steps act on ``x`` before the input pipeline (expansion, normalisation), so the
+    expansion's constants stay where validation and test inputs have them; the loss terms see the batch
+    between the two.
     """
-    prepare = pipeline or _identity
-    diff = net(prepare(act_on_image(group, element, x))) - out  # (R, B, out)
-    return diff.pow(2).flatten(1).mean(dim=1).sum()
-
-
-def _batch_loss(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, task: str,
-                desc: ModelDesc, generator: torch.Generator, pipeline: Pipeline | None = None) -> torch.Tensor:
-    """The task loss of one batch, with the equivariance strategy's augmentation or penalty.
-
-    The symmetry transforms act on ``x`` before the input pipeline (expansion, normalisation), so
-    the expansion's constants stay where validation and test inputs have them.
-    """
-    if desc.augment_group != "none":
-        elements = torch.randint(get_group(desc.augment_group).order, (x.shape[0],), generator=generator)
-        x = act_on_image_batch(desc.augment_group, elements, x)  # labels unchanged: the task is invariant
+    for step in symmetry:
+        x = step.apply(x, generator)
     out = net(pipeline(x) if pipeline is not None else x)
     loss = task_loss(out, y, task)
-    if desc.penalty_group != "none" and desc.penalty_weight > 0:
-        # A random non-identity element per batch: over many batches the penalty covers the group.
-        element = 1 + int(torch.randint(get_group(desc.penalty_group).order - 1, (1,), generator=generator))
-        loss = loss + desc.penalty_weight * invariance_penalty(net, x, out, desc.penalty_group, element, pipeline)
+    if terms:
+        batch = LossBatch(net.stacked_parameters(), tuple(range(out.shape[0])),
+                          BatchInputs(net, x, out, pipeline or _identity, generator))
+        for term in terms:
+            loss = loss + term(batch)
     return loss
 
 
@@ -334,35 +378,25 @@ def _score_metrics(weights: list[dict[str, torch.Tensor]], initial: list[dict[st
     return out
 
 
-def _final_weights(net: _Single, names: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
-    """A copy of each replica's parameters, or of those in ``names`` (the scored ones, each epoch)."""
-    if isinstance(net, _Single):
-        wanted = set(names) if names is not None else None
-        return [{name: p.detach().clone() for name, p in net.model.named_parameters()
-                 if wanted is None or name in wanted}]
-    return net.replica_weights(names)  # type: ignore[attr-defined,unused-ignore]
-
-
-def _stack(models: list[nn.Module], batched: bool = True) -> _Single:
+def _stack(models: list[nn.Module], batched: bool = True) -> _Replicas:
     if len(models) == 1:
         return _Single(models[0])
-    from sbsearch.replicas import ReplicaStack
-
-    return ReplicaStack(models, batched=batched)  # type: ignore[return-value]
+    return ReplicaStack(models, batched=batched)
 
 
 def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], x: torch.Tensor,
                  y: torch.Tensor, task: str, weight_decay: float,
-                 frozen: Sequence[tuple[torch.Tensor, ...]]) -> float:
+                 frozen: Sequence[tuple[torch.Tensor, ...]], terms: Sequence[LossFn] = ()) -> float:
     """One full-batch L-BFGS step per replica, one replica after another; the mean loss before the steps.
 
     The unbatched replica stack runs these same module objects, so evaluation sees the new weights.
     """
     n = x.shape[0]
     losses = []
-    for model, optimizer in zip(models, optimizers):
+    for index, (model, optimizer) in enumerate(zip(models, optimizers)):
 
-        def closure(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> torch.Tensor:
+        def closure(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
+                    index: int = index) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=x.device)
             for i in range(0, n, LBFGS_CHUNK):
@@ -374,6 +408,11 @@ def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer
                 l2 = 0.5 * weight_decay * sum(p.pow(2).sum() for p in model.parameters())
                 l2.backward()  # type: ignore[union-attr]
                 total += l2.detach()  # type: ignore[union-attr]
+            if terms:  # the strategies' loss terms of this replica alone; they see no batch here
+                batch = LossBatch({name: p.unsqueeze(0) for name, p in model.named_parameters()}, (index,), None)
+                extra = sum(term(batch) for term in terms)
+                extra.backward()  # type: ignore[union-attr]
+                total += extra.detach()  # type: ignore[union-attr]
             # Frozen entries get no gradient, so every L-BFGS direction (built from gradients and
             # steps alone) leaves them where they are, during the line search too.
             for p, mask, _ in frozen:

@@ -11,21 +11,22 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sbsearch.data import DataOptions, Split, load_dataset, prepare
+from sbsearch.data import DataOptions, Split, load_dataset, prepare, prepare_inputs
 from sbsearch.errors import TrialDiverged
 from sbsearch.models import describe_model
 from sbsearch.space import TrialConfig
 from sbsearch.spec import Spec, data_options
-from sbsearch.strategies import ModelDesc, control_values, input_expansion
+from sbsearch.strategies import ModelDesc, control_values, defers_training_inputs, input_transforms
 from sbsearch.tracking import Tracker, TrackingTarget
 from sbsearch.trainer import TrainPlan, resolve_device, train
 
-__all__ = ["SweepContext", "TrialRecord", "run_trial", "trial_run_name", "Interrupted"]
+__all__ = ["SweepContext", "TrialRecord", "TrialState", "run_trial", "trial_run_name", "final_metrics", "Interrupted"]
 
 
 class Interrupted(Exception):
@@ -41,6 +42,22 @@ class SweepContext:
     tracking: TrackingTarget | None
     parent_run_id: str | None
     threads: int = 0
+    owner: str = ""  # the ``sbsearch run`` process that runs the trials (``study.new_owner``)
+    study_id: str = ""  # the id of the sweep's store, shared by every process that joins it
+
+
+class TrialState(str, Enum):
+    """Where a trial stands. A ``str``, so that records read back from JSON, CSV and MLflow tags compare
+    equal to it and it is written as its name (``COMPLETE``) everywhere."""
+
+    COMPLETE = "COMPLETE"
+    PRUNED = "PRUNED"
+    FAIL = "FAIL"
+    RUNNING = "RUNNING"  # claimed and training (the store and the progress display only)
+    WAITING = "WAITING"  # queued to run again after an interruption (the store only)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -56,7 +73,7 @@ class TrialRecord:
     """
 
     number: int
-    state: str  # COMPLETE | PRUNED | FAIL
+    state: TrialState  # COMPLETE, PRUNED or FAIL once the trial ends
     params: dict[str, Any]
     final: dict[str, float] = field(default_factory=dict)
     epochs_run: int = 0
@@ -71,6 +88,16 @@ class TrialRecord:
     # sampler, pruner or ranking can read it; the sweep publishes it only for the configurations it
     # chose on validation (``sbsearch.heldout``).
     test: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.state = TrialState(self.state)  # a record read back from the store or a file names it as text
+
+
+def final_metrics(record: TrialRecord) -> dict[str, float]:
+    """A finished trial's ``final.*`` metrics in MLflow, wherever its run is closed (the trial itself, a
+    backend closing a trial that could not, ``relog``): its final metrics, time, start-up and epochs."""
+    return {**record.final, "duration_s": record.seconds, "startup_s": record.startup_seconds,
+            "epochs_run": float(record.epochs_run)}
 
 
 ShouldPrune = Callable[[int, Mapping[str, float]], "str | None"]
@@ -119,7 +146,9 @@ def trial_run_name(number: int, config: TrialConfig) -> str:
 
 
 def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
-    """The data and model description of one configuration."""
+    """The data and model description of one configuration; train them with
+    ``train(split, desc, plan, strategies=config.all_settings())``, which runs the strategies'
+    training-time hooks (augmentation, loss terms)."""
     settings = config.all_settings()
     base = _base_split(spec.data.dataset, spec.data.val_fraction, spec.seed, data_options(spec.data))
     plain = ModelDesc(spec.model.name, tuple(base.x_train.shape[1:]), base.num_outputs,
@@ -129,9 +158,9 @@ def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
                           optimizer=spec.train.optimizer)
     # Symmetry transforms of the data act on the image, before the expansion: the trainer gets the
     # training inputs unexpanded and applies the pipeline to each batch after transforming it.
-    transforms_data = desc.augment_group != "none" or desc.penalty_group != "none"
-    # A control that stands in for the expansion (controls.*) leaves the data unexpanded.
-    split = prepare(base, input_expansion(settings), normalize=spec.data.normalize, defer_train=transforms_data)
+    # (A control that stands in for the expansion leaves the data unexpanded: ``input_transforms``.)
+    split = prepare_inputs(base, input_transforms(settings, base.input_kind), normalize=spec.data.normalize,
+                           defer_train=defers_training_inputs(settings, base.input_kind))
     return split, desc
 
 
@@ -168,7 +197,7 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     """
     if ctx.threads > 0:
         torch.set_num_threads(ctx.threads)
-    record = TrialRecord(number, "COMPLETE", {k: config.params[k] for k in config.searched})
+    record = TrialRecord(number, TrialState.COMPLETE, {k: config.params[k] for k in config.searched})
     record.startup_seconds = _set_up_process(ctx)
     log = _TrialLog(ctx, record, config)
     prune_reason: list[str] = []
@@ -187,26 +216,26 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     start = time.perf_counter()
     try:
         split, desc = build_trial(ctx.spec, config)
-        result = train(split, desc, train_plan(ctx.spec), report)
+        result = train(split, desc, train_plan(ctx.spec), report, strategies=config.all_settings())
         record.final, record.epochs_run = {**result.final, "num_parameters": float(result.num_parameters),
                                            **control_values(desc)}, result.epochs_run
         record.test = dict(result.test)
         if prune_reason:
-            record.state, record.reason = "PRUNED", prune_reason[0]
+            record.state, record.reason = TrialState.PRUNED, prune_reason[0]
     except Interrupted:
         raise
     except TrialDiverged as exc:
-        record.state = "PRUNED" if ctx.spec.search.on_divergence == "prune" else "FAIL"
+        record.state = TrialState.PRUNED if ctx.spec.search.on_divergence == "prune" else TrialState.FAIL
         record.reason, record.epochs_run = f"diverged: {exc}", len(record.history)
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        record.state, record.reason = "FAIL", f"out of memory: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"[:500]
+        record.state, record.reason = TrialState.FAIL, f"out of memory: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"[:500]
         record.epochs_run = len(record.history)
         log.traceback(traceback.format_exc())
     except Exception as exc:  # a crashing trial must not take the sweep down
         text = str(exc)
         # PyTorch's CPU allocator reports running out of memory as a plain RuntimeError.
         kind = "out of memory" if "can't allocate memory" in text or "out of memory" in text.lower() else type(exc).__name__
-        record.state, record.reason = "FAIL", f"{kind}: {text.strip()}"[:500]
+        record.state, record.reason = TrialState.FAIL, f"{kind}: {text.strip()}"[:500]
         record.epochs_run = len(record.history)
         log.traceback(traceback.format_exc())
     record.seconds = time.perf_counter() - start
@@ -254,6 +283,5 @@ class _TrialLog:
     def end(self) -> None:
         if self.tracker is not None:
             tracker, r = self.tracker, self.record
-            final = {**r.final, "duration_s": r.seconds, "startup_s": r.startup_seconds,
-                     "epochs_run": float(r.epochs_run)}
-            self._safely(lambda: tracker.end_trial(r.run_id, r.state, final, {"sbsearch.reason": r.reason} if r.reason else {}))
+            self._safely(lambda: tracker.end_trial(r.run_id, r.state, final_metrics(r),
+                                                   {"sbsearch.reason": r.reason} if r.reason else {}))

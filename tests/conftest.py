@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sbsearch.space import TrialConfig
+    from sbsearch.strategies import ModelDesc
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -43,6 +49,55 @@ def strategy_settings(**knobs: Any) -> dict[str, dict[str, object]]:
         strategy, knob = key.split("__")
         out[strategy][knob] = value
     return out
+
+
+def trial_config(**knobs: Any) -> TrialConfig:
+    """A trial's configuration: ``strategy_settings(**knobs)`` under dotted keys (``expansion.factor``)."""
+    from sbsearch.space import TrialConfig
+
+    return TrialConfig({f"{s}.{k}": v for s, ks in strategy_settings(**knobs).items() for k, v in ks.items()}, ())
+
+
+def registered_model_cases() -> list[object]:
+    """Every registered model on each input kind it takes, and small_cnn with group convolutions at
+    every ``where`` for both groups, under three norms (the group norms' affines must stay out)."""
+    import itertools
+
+    from sbsearch.models import INPUT_KINDS, MODELS, TORCHVISION_MODELS
+    from sbsearch.strategies import ModelDesc
+
+    cases = []
+    for arch in MODELS:
+        for kind in INPUT_KINDS[arch]:
+            shape = (8,) if kind == "vector" else (1, 32, 32) if arch in TORCHVISION_MODELS else (1, 8, 8)
+            cases.append(pytest.param(ModelDesc(arch, shape, 10, width=4, depth=3), id=f"{arch}-{kind}"))
+    for where, group, norm in itertools.product(("stem", "early", "all"), ("c4", "d4"), ("none", "batch", "layer")):
+        desc = ModelDesc("small_cnn", (1, 8, 8), 10, width=4, depth=3, norm=norm, equivariant_layers=where,
+                         equivariant_group=group)
+        cases.append(pytest.param(desc, id=f"small_cnn-{where}-{group}-{norm}"))
+    return cases
+
+
+def shape_only(desc: ModelDesc) -> nn.Module:
+    """The model of ``desc`` on the meta device: its shapes, without memory or initialisation."""
+    import torch
+
+    from sbsearch.models import MODELS
+
+    with torch.device("meta"):
+        return MODELS[desc.arch](desc)
+
+
+def connecting_weights(model: nn.Module) -> list[str]:
+    """The weights that connect units (linear, conv and group-conv), which the score must cover (DESIGN.md);
+    the selection goes by what a module is, so this list is the tests', not the code's."""
+    from torch import nn
+
+    from sbsearch.group_conv import GroupConv2d, LiftingConv2d
+
+    connecting = (nn.Linear, nn.modules.conv._ConvNd, LiftingConv2d, GroupConv2d)
+    wanted = {id(m.weight) for m in model.modules() if isinstance(m, connecting)}
+    return [name for name, p in model.named_parameters() if id(p) in wanted]
 
 
 @pytest.fixture

@@ -245,3 +245,30 @@ def test_lbfgs_accepts_the_bias_scale_but_not_the_bias_learning_rate() -> None:
     with pytest.raises(SpecError) as caught:
         _function_spec(controls={"bias_lr_multiplier": "auto"})
     assert [p.path for p in caught.value.problems] == ["space.controls.bias_lr_multiplier"]
+
+
+# --- what the controls offer the report ------------------------------------------------------------
+
+def test_the_report_controls_sort_trials_into_baseline_treatment_and_each_control() -> None:
+    from sbsearch.strategies import STRATEGIES, report_controls
+
+    assert report_controls() == {"controls": STRATEGIES["controls"].report_controls}
+    offered = report_controls()["controls"]
+    assert [c.name for c in offered.controls] == ["upsample", "width_matched", "bias_lr", "bias_scale"]
+    assert all(c.knob.startswith(("expansion.", "controls.")) and "space." in c.how for c in offered.controls)
+
+    def where(params: dict[str, Any]) -> set[str]:
+        roles = {c.name for c in offered.controls if c.member(params)}
+        roles |= {role for role in ("tried", "treated", "baseline") if getattr(offered, role)(params)}
+        return roles
+
+    # Parameters as a sweep records them: only the searched knobs, numbers possibly as strings.
+    assert where({"expansion.factor": 1}) == {"baseline"}
+    assert where({"expansion.factor": "3", "expansion.layout": "grid"}) == {"tried", "treated"}
+    assert where({"expansion.factor": 2, "expansion.layout": "upsample"}) == {"tried", "upsample"}
+    assert where({"expansion.factor": 2, "controls.width_matched": True}) == {"tried", "width_matched"}
+    assert where({"expansion.factor": 2, "controls.bias_lr_multiplier": "auto"}) == {"tried", "bias_lr"}
+    assert where({"expansion.factor": 1, "controls.bias_scale": 2.5}) == {"bias_scale"}
+    assert where({"expansion.factor": 2, "controls.bias_scale": 2.5}) == {"tried"}  # a number on top of constants
+    assert where({"expansion.factor": 2, "controls.bias_scale": "auto",
+                  "controls.bias_lr_multiplier": "auto"}) == {"tried"}  # two controls at once: neither

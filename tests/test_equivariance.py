@@ -17,8 +17,8 @@ from sbsearch.group_conv import (
     equivariance_errors,
 )
 from sbsearch.models import build_model
-from sbsearch.strategies import STRATEGIES, ModelDesc, apply_model_edits
-from sbsearch.trainer import invariance_penalty
+from sbsearch.strategies import STRATEGIES, ModelDesc, apply_model_edits, input_transforms, loss_terms
+from sbsearch.strategies.equivariance import invariance_penalty
 
 EQUIVARIANCE = STRATEGIES["equivariance"]
 
@@ -104,12 +104,17 @@ def test_penalty_is_zero_for_an_invariant_model_and_positive_otherwise(group: st
             assert invariance_penalty(plain, x, plain(x), group, g).item() > 1e-6
 
 
-def test_augment_and_penalty_reach_the_description_the_trainer_reads() -> None:
+def test_augment_and_penalty_are_training_hooks_and_leave_the_model_alone() -> None:
     plain = ModelDesc("small_cnn", (1, 8, 8), 10)
-    augmented = apply_model_edits(plain, settings(how="augment", group="d4"))
-    penalised = apply_model_edits(plain, settings(how="penalty", group="c4", penalty_weight=0.3))
-    assert (augmented.augment_group, augmented.penalty_group) == ("d4", "none")
-    assert (penalised.penalty_group, penalised.penalty_weight) == ("c4", 0.3)
+    for how in ("augment", "penalty"):
+        assert apply_model_edits(plain, settings(how=how, group="d4")) == plain
+    [step] = input_transforms(settings(how="augment", group="d4"), "image")
+    assert step.stage == "symmetry"  # before the expansion, on training batches only
+    assert not loss_terms(settings(how="augment", group="d4"))
+    [term] = loss_terms(settings(how="penalty", group="c4", penalty_weight=0.3))
+    assert term.sees_inputs
+    assert not loss_terms(settings(how="penalty", group="c4", penalty_weight=0.0))
+    assert not [s for s in input_transforms(settings(how="penalty"), "image") if s.stage == "symmetry"]
 
 
 @pytest.mark.parametrize("how", ["augment", "penalty"])
@@ -118,9 +123,12 @@ def test_training_with_augmentation_or_penalty_runs_and_learns(how: str) -> None
     from sbsearch.trainer import TrainPlan, train
 
     split = prepare(load_dataset("digits", 0.25, 0), STRATEGIES["expansion"].defaults())
-    desc = apply_model_edits(ModelDesc("small_cnn", (1, 8, 8), 10, width=8), settings(how=how, group="d4"))
-    result = train(split, desc, TrainPlan(epochs=2, batch_size=128, lr=0.01))
+    chosen = settings(how=how, group="d4")
+    desc = apply_model_edits(ModelDesc("small_cnn", (1, 8, 8), 10, width=8), chosen)
+    plan = TrainPlan(epochs=2, batch_size=128, lr=0.01)
+    result = train(split, desc, plan, strategies=chosen)
     assert result.final["val_accuracy"] > 0.3
+    assert result.final != train(split, desc, plan).final  # the hooks ran
 
 
 def test_validation_names_what_cannot_apply() -> None:
@@ -160,16 +168,35 @@ class _Recorder(nn.Module):
         return torch.zeros(1, x.shape[0], 10) + self.w
 
 
+class _Watch:
+    """The recorder behind the trainer's replica interface: its output is already (1, B, 10)."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.recorder(x)
+        return out
+
+    def stacked_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.unsqueeze(0) for name, p in self.recorder.named_parameters()}
+
+
 @pytest.mark.parametrize("how", ["augment", "penalty"])
 @pytest.mark.parametrize("offset", ["start", "center"])
 def test_symmetry_transforms_leave_the_expansion_constants_where_validation_has_them(how: str, offset: str) -> None:
     # K = 2 grids do not commute with rotations: rotating the expanded canvas would move the constant
     # lattice during training only. The transforms must turn the image, then the expansion places it.
+    from sbsearch.space import config_from_params
+    from sbsearch.strategies import ReplicaStart
     from sbsearch.trainer import _batch_loss
 
     spec = _spec(expansion={"factor": 2, "fill": 0.5, "layout": "grid", "offset": offset},
                  equivariance={"how": how, "group": "d4", "penalty_weight": 1.0})
     split, desc = _trial(spec)
+    chosen = config_from_params(spec, {}).all_settings()
+    symmetry = [step for step in input_transforms(chosen, "image") if step.stage == "symmetry"]
+    terms = [term.start(ReplicaStart((0,), {})) for term in loss_terms(chosen)]
     assert split.train_pipeline is not None
     constant = torch.isnan(split.train_pipeline(torch.full((1, 1, 8, 8), float("nan"))))[0] == 0  # (1, 16, 16)
     val_constants = split.x_val[:, constant]
@@ -177,8 +204,8 @@ def test_symmetry_transforms_leave_the_expansion_constants_where_validation_has_
     recorder = _Recorder()
     generator = torch.Generator().manual_seed(0)
     for _ in range(4):  # several batches: every group element turns up
-        _batch_loss(recorder, split.x_train[:64], split.y_train[:64], "classification", desc, generator,
-                    split.train_pipeline)
+        _batch_loss(_Watch(recorder), split.x_train[:64], split.y_train[:64], "classification", generator,
+                    split.train_pipeline, symmetry, terms)
     assert len(recorder.seen) == (4 if how == "augment" else 8)
     for batch in recorder.seen:
         assert batch.shape[1:] == split.x_val.shape[1:]
@@ -206,7 +233,6 @@ def test_every_accepted_all_layers_configuration_is_invariant_to_turning_the_ori
     # so (a note). Where it says nothing, turning the *original* digit must leave the logits unchanged.
     from sbsearch.data import input_pipeline
     from sbsearch.spec import data_options, spec_notes
-    from sbsearch.strategies import input_expansion
 
     spec = _spec(expansion={"factor": factor, "fill": 0.5, "layout": layout, "offset": offset, "stem": stem},
                  equivariance={"how": "layers", "where": "all", "group": group}, norm={"kind": norm})
@@ -215,7 +241,7 @@ def test_every_accepted_all_layers_configuration_is_invariant_to_turning_the_ori
     from sbsearch.trial import _base_split
 
     base = _base_split("digits", 0.25, 0, data_options(spec.data))
-    pipeline = input_pipeline(base, input_expansion(config_from_params(spec, {}).all_settings()))
+    pipeline = input_pipeline(base, input_transforms(config_from_params(spec, {}).all_settings(), "image"))
     x = base.x_val[:6]  # (6, 1, 8, 8) raw digits
     model = build_model(desc, seed=0).eval()
     notes = spec_notes(spec)

@@ -1,4 +1,4 @@
-"""The 1-D function task: L-BFGS fits, the first-layer bias option, pi as a fill preset, and a regression sweep."""
+"""The 1-D function task: its options reach the trial, pi as a fill preset, and a regression sweep."""
 
 from __future__ import annotations
 
@@ -11,83 +11,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from sbsearch.data import DataOptions, load_dataset, prepare
 from sbsearch.errors import SpecError
-from sbsearch.models import build_model
 from sbsearch.space import config_from_params
 from sbsearch.spec import parse_spec, spec_to_dict
-from sbsearch.strategies import STRATEGIES, ModelDesc
-from sbsearch.trainer import TrainPlan, replica_seeds, train
+from sbsearch.trainer import TrainPlan, train
 from sbsearch.trial import build_trial
 
 TWO_PI = 2 * math.pi
-
-
-def _expansion(**knobs: Any) -> dict[str, object]:
-    return {**STRATEGIES["expansion"].defaults(), **knobs}
-
-
-def _fit(epochs: int, replicas: int = 1, factor: int = 1, norm: str = "none") -> tuple[list[float], float]:
-    base = load_dataset("fn_smooth", 0.25, 0, DataOptions(domain=(0.0, TWO_PI), points=40))
-    split = prepare(base, _expansion(factor=factor, fill=math.pi, layout="border"))
-    desc = ModelDesc("mlp", (factor,), 1, width=16, depth=2, norm=norm, first_bias="zero")
-    history: list[float] = []
-    result = train(split, desc, TrainPlan(epochs=epochs, optimizer="lbfgs", lr=1.0, replicas=replicas),
-                   lambda epoch, metrics: history.append(metrics["val_mse"]) or False)
-    assert result.final["val_mse"] == history[-1]
-    return history, float(base.y_val.var(unbiased=False))
-
-
-def test_a_short_lbfgs_fit_reduces_the_mse() -> None:
-    history, variance = _fit(epochs=4)
-    # Predicting the mean scores the targets' variance; a few L-BFGS steps must do far better.
-    assert history[-1] < 0.05 * variance
-    assert history[-1] < history[0]
-
-
-def test_lbfgs_with_expanded_input_and_batch_norm_fits() -> None:
-    history, variance = _fit(epochs=4, factor=5, norm="batch")
-    assert all(math.isfinite(v) for v in history) and history[-1] < variance
-
-
-def test_lbfgs_replicas_train_independently() -> None:
-    """Replica 0 of a two-replica run is exactly the one-replica run: no shared line search."""
-    alone, _ = _fit(epochs=2)
-    base = load_dataset("fn_smooth", 0.25, 0, DataOptions(domain=(0.0, TWO_PI), points=40))
-    split = prepare(base, _expansion())
-    desc = ModelDesc("mlp", (1,), 1, width=16, depth=2, first_bias="zero")
-    result = train(split, desc, TrainPlan(epochs=2, optimizer="lbfgs", lr=1.0, replicas=2))
-    mean, std = result.final["val_mse"], result.final["val_mse_std"]
-    pair = (mean - std / math.sqrt(2), mean + std / math.sqrt(2))  # the two replicas' values, from mean and std
-    assert min(abs(v - alone[-1]) for v in pair) <= 1e-6 * max(1.0, alone[-1]) + 1e-9
-    assert std > 0  # and the second replica is a different model
-
-
-def test_lbfgs_never_moves_frozen_entries() -> None:
-    from sbsearch.models import FROZEN_MASK, FROZEN_VALUE
-
-    base = load_dataset("fn_smooth", 0.25, 0, DataOptions(points=40))
-    desc = ModelDesc("mlp", (1,), 1, width=16, depth=2, frozen_fraction=0.3)
-    result = train(prepare(base, _expansion()), desc,
-                   TrainPlan(epochs=2, optimizer="lbfgs", lr=1.0, replicas=2, weight_decay=1e-3))
-    for replica, seed in enumerate(replica_seeds(0, 2)):
-        start = build_model(desc, seed)
-        mask, value = start.get_buffer("3.weight" + FROZEN_MASK), start.get_buffer("3.weight" + FROZEN_VALUE)
-        trained = result.weights[replica]["3.weight"]
-        assert torch.equal(trained[mask], value[mask]) and not torch.equal(trained[~mask], start.get_parameter("3.weight")[~mask])
-
-
-@pytest.mark.parametrize("arch,shape", [("mlp", (5,)), ("small_cnn", (1, 8, 8))])
-def test_first_bias_zero_zeroes_only_the_first_layer_bias(arch: str, shape: tuple[int, ...]) -> None:
-    default = build_model(ModelDesc(arch, shape, 3), seed=7)
-    zero = build_model(ModelDesc(arch, shape, 3, first_bias="zero"), seed=7)
-    biases = [name for name, p in zero.named_parameters() if name.endswith("bias")]
-    first = biases[0]
-    for (name, p_default), (_, p_zero) in zip(default.named_parameters(), zero.named_parameters()):
-        if name == first:
-            assert torch.count_nonzero(p_zero) == 0 and torch.count_nonzero(p_default) > 0
-        else:  # every other parameter starts exactly as it would have
-            assert torch.equal(p_default, p_zero), name
 
 
 def test_the_spec_carries_the_function_options_to_the_trial() -> None:
@@ -142,7 +72,7 @@ def test_a_regression_sweep_minimises_the_mse(tmp_path: Path) -> None:
     """Search, storage, trials.csv and MLflow all follow the task's direction (MSE down)."""
     from mlflow.tracking import MlflowClient
 
-    from sbsearch.backends.optuna import open_study
+    from sbsearch.study import Store
     from sbsearch.sweep import run_sweep
 
     spec = parse_spec({
@@ -159,7 +89,7 @@ def test_a_regression_sweep_minimises_the_mse(tmp_path: Path) -> None:
     assert rows and "val_mse" in rows[0] and "val_accuracy" not in rows[0]
     best = min(rows, key=lambda r: float(r["val_mse"]))
     assert result.best is not None and result.best.number == int(best["number"])
-    study = open_study(spec, tmp_path / "out", "minimize")
+    study = Store.open(spec, tmp_path / "out", "minimize").study
     assert study.direction.name == "MINIMIZE" and study.best_value == pytest.approx(float(best["val_mse"]))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fn-sweep")

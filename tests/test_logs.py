@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sbsearch.backends.optuna import _sampler
+from sbsearch.backends.optuna import sampler as optuna_sampler
 from sbsearch.spec import parse_spec
 from tests.conftest import ROOT, tiny_spec_dict
 
@@ -70,16 +70,16 @@ def test_log_to_file_takes_framework_lines_and_warnings_off_the_terminal(tmp_pat
 def test_samplers_are_built_and_sample_without_warnings(sampler: str) -> None:
     import optuna
 
-    from sbsearch.backends.optuna import _OptunaSuggest
+    from sbsearch.backends.optuna import OptunaSuggest
     from sbsearch.space import sample_config
 
     spec = parse_spec(tiny_spec_dict(search__sampler=sampler, search__trials=6))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a deprecated argument raises FutureWarning, an experimental one a UserWarning
-        study = optuna.create_study(direction="maximize", sampler=_sampler(spec, 0))
+        study = optuna.create_study(direction="maximize", sampler=optuna_sampler(spec, 0))
         for value in range(6):
             trial = study.ask()
-            sample_config(spec, _OptunaSuggest(trial))
+            sample_config(spec, OptunaSuggest(trial))
             study.tell(trial, float(value % 3))
 
 

@@ -25,6 +25,7 @@ from sbsearch.pruning import (
     make_rule,
 )
 from sbsearch.spec import parse_spec
+from sbsearch.study import Store
 from sbsearch.sweep import run_sweep
 from tests.conftest import tiny_spec_dict
 from tests.test_sweep import check_records_agree
@@ -193,8 +194,9 @@ def _pruned_everywhere(out: Path, raw: dict[str, object], trials: int) -> list[s
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = {int(r.data.tags["sbsearch.trial_number"]): r for r in
             client.search_runs([client.get_experiment_by_name(spec.name).experiment_id]) if "sbsearch.trial_number" in r.data.tags}
-    study = optuna.load_study(study_name=spec.name, storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+    store = Store.load(spec, out)
+    assert store is not None
+    study = store.study
     reasons = []
     for t in study.trials:
         if t.state != optuna.trial.TrialState.PRUNED:
@@ -231,19 +233,22 @@ def test_a_real_sweep_prunes_with_the_rules_reason(tmp_path: Path, pruner: str, 
 
 
 def test_optuna_peers_show_running_trials_epochs_and_completed_finals(tmp_path: Path) -> None:
-    from sbsearch.backends.optuna import _HISTORY, _peers, open_study
-
-    study = open_study(parse_spec(tiny_spec_dict()), tmp_path, "maximize")
+    store = Store.open(parse_spec(tiny_spec_dict()), tmp_path, "maximize")
+    study = store.study
     finished = study.ask()
     finished.report(0.5, 1)
     finished.set_user_attr("sbsearch.record", {"history": [{ACC: 0.5, "sb_score": 0.2}]})
     study.tell(finished, 0.9)
     running_trial = study.ask()
-    running_trial.set_user_attr(_HISTORY, [{ACC: 0.4, "sb_score": 0.1}, {ACC: 0.6, "sb_score": 0.3}])
+    history: list[dict[str, float]] = []
+    for epoch, (acc, score) in enumerate([(0.4, 0.1), (0.6, 0.3)], start=1):
+        store.report_epoch(running_trial, epoch, ACC, {ACC: acc, "sb_score": score, "sb_score.conv1": 9.0}, history)
     me = study.ask()
-    peers = {p.number: p for p in _peers(study, me.number, ACC)}
+    peers = {p.number: p for p in store.peers(me.number, ACC)}
     assert set(peers) == {finished.number, running_trial.number}
     assert peers[finished.number].state == "COMPLETE" and peers[finished.number].final == 0.9
     assert peers[finished.number].at(1, "sb_score") == 0.2
     assert peers[running_trial.number].state == "RUNNING" and peers[running_trial.number].final is None
     assert peers[running_trial.number].at(2, ACC) == 0.6 and peers[running_trial.number].at(3, ACC) is None
+    assert peers[running_trial.number].at(2, "sb_score.conv1") is None  # per-layer scores stay out of the store
+    assert store.trial(running_trial.number).intermediate_values == {1: 0.4, 2: 0.6}

@@ -32,6 +32,7 @@ CONTEXT: dict[str, dict[str, dict[str, object]]] = {
     "equivariance.penalty_weight": {"equivariance": {"how": "penalty"}},
     "dropout": {"dropout": {"rate": 0.2}},
     "controls": {"expansion": {"factor": 2}},
+    "syre": {"syre": {"gamma": 0.01}},
 }
 
 # (data set the spec validates against, input shape of the tiny data)
@@ -58,7 +59,7 @@ def _spec_changes(arch: str, kind: str, space: dict[str, dict[str, object]]) -> 
 
 
 def _cases() -> tuple[list[Any], list[Any]]:
-    accepted: dict[ModelDesc, Any] = {}
+    accepted: dict[tuple[ModelDesc, tuple[object, ...]], Any] = {}
     rejected = []
     for arch in MODELS:
         kinds = ["large_image"] if arch in TORCHVISION_MODELS else list(INPUT_KINDS[arch])
@@ -78,7 +79,9 @@ def _cases() -> tuple[list[Any], list[Any]]:
                             rejected.append(pytest.param(arch, kind, space, str(exc), id=label))
                             continue
                         desc, x_shape = _describe(arch, kind, space, spec.train.optimizer)
-                        accepted.setdefault(desc, pytest.param(desc, x_shape, id=label))
+                        settings = _settings(space)
+                        accepted.setdefault((desc, _training_hooks(settings, kind)),
+                                            pytest.param(desc, x_shape, settings, id=label))
     return list(accepted.values()), rejected
 
 
@@ -87,6 +90,17 @@ def _settings(space: dict[str, dict[str, object]]) -> dict[str, dict[str, object
     for sname, knobs in space.items():
         out[sname].update(knobs)
     return out
+
+
+def _training_hooks(settings: dict[str, dict[str, object]], kind: str) -> tuple[object, ...]:
+    """The settings of the strategies that act during training (a symmetry input step, a loss term): the
+    same model with other training hooks is another case."""
+    input_kind = "vector" if kind == "vector" else "image"
+    steps = {name: s.transform_input(settings[name], input_kind) if s.transform_input else None
+             for name, s in STRATEGIES.items()}
+    return tuple((name, tuple(sorted(settings[name].items()))) for name, s in STRATEGIES.items()
+                 if (s.loss_term is not None and s.loss_term(settings[name]) is not None)
+                 or (steps[name] is not None and steps[name].stage == "symmetry"))  # type: ignore[union-attr]
 
 
 def _describe(arch: str, kind: str, space: dict[str, dict[str, object]],
@@ -103,15 +117,16 @@ def _describe(arch: str, kind: str, space: dict[str, dict[str, object]],
 ACCEPTED, REJECTED = _cases()
 
 
-@pytest.mark.parametrize("desc, x_shape", ACCEPTED)
-def test_accepted_combination_builds_and_trains_one_step(desc: ModelDesc, x_shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("desc, x_shape, settings", ACCEPTED)
+def test_accepted_combination_builds_and_trains_one_step(desc: ModelDesc, x_shape: tuple[int, ...],
+                                                         settings: dict[str, dict[str, object]]) -> None:
     assert desc.input_shape == x_shape
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(4, *x_shape, generator=generator)
     y = torch.tensor([0, 1, 2, 0])
     split = Split("tiny", x[:2], y[:2], x[2:], y[2:], "classification", 3,
                   mean=torch.zeros(x_shape[0]), std=torch.ones(x_shape[0]))
-    result = train(split, desc, TrainPlan(epochs=1, batch_size=2, lr=1e-3, score=False))
+    result = train(split, desc, TrainPlan(epochs=1, batch_size=2, lr=1e-3, score=False), strategies=settings)
     assert math.isfinite(result.final["train_loss"])
     if desc.arch not in TORCHVISION_MODELS:  # building a torchvision model twice would double the cost
         start = build_model(desc, replica_seeds(0, 1)[0]).state_dict()
@@ -130,4 +145,6 @@ def test_rejected_combination_gets_one_line_per_problem(arch: str, kind: str, sp
 def test_every_model_and_strategy_is_covered() -> None:
     covered = {p.values[0].arch for p in ACCEPTED}
     assert covered == set(MODELS)
+    trained_with = {name for p in ACCEPTED for name, _ in _training_hooks(p.values[2], "image")}
+    assert trained_with == {"equivariance", "syre"}  # the augmentation, the penalty and syre's decay
     assert len(ACCEPTED) > 5 * len(MODELS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from sbsearch.report import (
     load_sweep,
     write_report,
 )
+from sbsearch.report.page import render
 from sbsearch.spec import parse_spec
 from sbsearch.sweep import run_sweep
 from sbsearch.tracking import Tracker, TrackingTarget
@@ -88,15 +90,23 @@ def test_loaded_trials_match_the_sweep(sweep_out: Path) -> None:
     assert data.importances is not None and math.isclose(sum(data.importances.values()), 1.0, rel_tol=1e-6)
 
 
-def test_trials_read_from_trials_csv_alone_have_the_studys_metrics(sweep_out: Path, tmp_path: Path) -> None:
+def test_a_folder_without_its_study_says_so(sweep_out: Path, tmp_path: Path) -> None:
+    from sbsearch.errors import SbsearchError
+
     folder = tmp_path / "out"
     shutil.copytree(sweep_out, folder, ignore=shutil.ignore_patterns("optuna.journal"))
-    from_study = {t.number: t for t in load_sweep(sweep_out).trials}
-    from_csv = load_sweep(folder).trials
-    assert len(from_csv) == len(from_study)
-    for t in from_csv:
-        assert set(t.final) <= set(from_study[t.number].final)  # seconds and startup_seconds are no metrics
-        assert t.seconds == pytest.approx(from_study[t.number].seconds, abs=1e-3)
+    assert (folder / "trials.csv").exists()  # the study is where the report reads trials from, not trials.csv
+    with pytest.raises(SbsearchError, match="its study .* was not found"):
+        load_sweep(folder)
+
+
+def test_page_escapes_what_trials_and_stores_say(sweep_out: Path, tmp_path: Path) -> None:
+    data = load_sweep(sweep_out)
+    failed = dataclasses.replace(data.trials[0], state="FAIL", reason="<script>alert('x')</script> & more")
+    data = dataclasses.replace(data, trials=(failed, *data.trials[1:]), tracking_note="store <b>down</b>")
+    text = render(data, tmp_path)
+    assert "<script>" not in text and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in text
+    assert "<p>store &lt;b&gt;down&lt;/b&gt;</p>" in text
 
 
 def test_report_of_a_folder_without_a_sweep_names_it(tmp_path: Path) -> None:

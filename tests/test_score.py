@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import itertools
 import math
 import random
-import re
 from collections.abc import Mapping
-from dataclasses import replace
 
 import numpy as np
 import ot
@@ -16,12 +13,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import Tensor, nn
 
-from sbsearch.data import Split, load_dataset, prepare
 from sbsearch.group_conv import GroupBatchNorm, GroupConv2d, LiftingConv2d
-from sbsearch.models import INPUT_KINDS, MODELS, TORCHVISION_MODELS, GroupFeatureNorm
+from sbsearch.models import GroupFeatureNorm
 from sbsearch.score import ScoreResult, default_score_layers, drift_score, replica_score
-from sbsearch.strategies import STRATEGIES, ModelDesc, apply_model_edits
-from sbsearch.trainer import TrainPlan, _score_layers, train
+from sbsearch.strategies import ModelDesc
+from tests.conftest import connecting_weights, registered_model_cases, shape_only
 
 Replica = dict[str, Tensor]
 
@@ -244,85 +240,18 @@ def test_norm_tensors_biases_and_weights_that_do_not_train_stay_out() -> None:
 
 # --- every weight of every registered model -------------------------------------------------------
 
-# What the score must cover (DESIGN.md: every conv/linear weight), the group convolutions included;
-# the selection itself goes by what a module is, so this list is the test's, not the code's.
-_CONNECTING = (nn.Linear, nn.modules.conv._ConvNd, LiftingConv2d, GroupConv2d)
+# What the score must cover is ``connecting_weights`` (conftest.py); what it may leave out besides biases:
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, GroupFeatureNorm)
 
 
-def _registry_cases() -> list[object]:
-    """Every registered model on each input kind it takes, and small_cnn with group convolutions at
-    every ``where`` for both groups, under three norms (the group norms' affines must stay out)."""
-    cases = []
-    for arch in MODELS:
-        for kind in INPUT_KINDS[arch]:
-            shape = (8,) if kind == "vector" else (1, 32, 32) if arch in TORCHVISION_MODELS else (1, 8, 8)
-            cases.append(pytest.param(ModelDesc(arch, shape, 10, width=4, depth=3), id=f"{arch}-{kind}"))
-    for where, group, norm in itertools.product(("stem", "early", "all"), ("c4", "d4"), ("none", "batch", "layer")):
-        desc = ModelDesc("small_cnn", (1, 8, 8), 10, width=4, depth=3, norm=norm, equivariant_layers=where,
-                         equivariant_group=group)
-        cases.append(pytest.param(desc, id=f"small_cnn-{where}-{group}-{norm}"))
-    return cases
-
-
-def _shape_only(desc: ModelDesc) -> nn.Module:
-    # Shapes are all the default selection looks at; the meta device skips memory and initialisation.
-    with torch.device("meta"):
-        return MODELS[desc.arch](desc)
-
-
-def _connecting_weights(model: nn.Module) -> list[str]:
-    wanted = {id(m.weight) for m in model.modules() if isinstance(m, _CONNECTING)}
-    return [name for name, p in model.named_parameters() if id(p) in wanted]
-
-
-@pytest.mark.parametrize("desc", _registry_cases())
+@pytest.mark.parametrize("desc", registered_model_cases())
 def test_every_conv_like_and_linear_weight_of_every_registered_model_is_scored(desc: ModelDesc) -> None:
-    model = _shape_only(desc)
+    model = shape_only(desc)
     scored = default_score_layers(model)
-    assert scored == _connecting_weights(model)
+    assert scored == connecting_weights(model)
     group_convs = [m.weight for m in model.modules() if isinstance(m, (LiftingConv2d, GroupConv2d))]
     assert len(group_convs) == {"none": 0, "stem": 1, "early": 2, "all": 3}[desc.equivariant_layers]
     # What is left out is a bias or a norm layer's parameter, never a weight of some other kind.
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters()}
     unscored = {name: p for name, p in model.named_parameters() if name not in scored}
     assert all(name.endswith(".bias") or id(p) in norm_params for name, p in unscored.items()), sorted(unscored)
-
-
-@pytest.mark.parametrize("desc", _registry_cases())
-def test_score_layers_can_pick_any_conv_like_or_linear_weight_and_no_bias(desc: ModelDesc) -> None:
-    model = _shape_only(desc)
-    for name in _connecting_weights(model):
-        assert _score_layers(model, f"^{re.escape(name)}$") == [name]
-    # A pattern that picks nothing (biases are never scored) is an error, not a silently empty score.
-    with pytest.raises(ValueError, match=r"^train.score_layers: must match at least one scored weight .*but got 'bias\$'$"):
-        _score_layers(model, r"bias$")
-
-
-@pytest.fixture(scope="module")
-def digits_sample() -> Split:
-    split = prepare(load_dataset("digits", 0.25, 0), STRATEGIES["expansion"].defaults())
-    return replace(split, x_train=split.x_train[:128], y_train=split.y_train[:128], x_val=split.x_val[:64],
-                   y_val=split.y_val[:64])
-
-
-@pytest.mark.parametrize("group", ["c4", "d4"])
-def test_training_with_group_layers_everywhere_scores_the_group_convolutions(digits_sample: Split,
-                                                                             group: str) -> None:
-    settings = {name: s.defaults() for name, s in STRATEGIES.items()}
-    settings["equivariance"].update(how="layers", where="all", group=group)
-    desc = apply_model_edits(ModelDesc("small_cnn", (1, 8, 8), 10, width=4, depth=2), settings)
-    model = _shape_only(desc)
-    group_weights = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (LiftingConv2d, GroupConv2d))]
-    assert len(group_weights) == 2
-    plan = TrainPlan(epochs=1, batch_size=64, replicas=2)
-    [metrics] = train(digits_sample, desc, plan).history
-    scored = {key.removeprefix("sb_score.") for key in metrics if key.startswith("sb_score.")}
-    assert scored == set(default_score_layers(model)) and set(group_weights) < scored
-    assert all(math.isfinite(metrics[f"sb_score.{name}"]) and metrics[f"sb_score.{name}"] > 0 for name in group_weights)
-    assert math.isfinite(metrics["sb_drift"]) and metrics["sb_drift"] > 0
-    # A regex that picks the group convolution alone scores it alone, drift included.
-    last_group_conv = group_weights[-1]
-    [picked] = train(digits_sample, desc, replace(plan, score_layers=f"^{re.escape(last_group_conv)}$")).history
-    assert {key for key in picked if key.startswith("sb_")} == {"sb_score", f"sb_score.{last_group_conv}", "sb_drift"}
-    assert picked["sb_score"] == picked[f"sb_score.{last_group_conv}"] and picked["sb_drift"] > 0

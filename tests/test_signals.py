@@ -20,7 +20,7 @@ import optuna
 import pytest
 import yaml
 
-from sbsearch.backends.optuna import load_study
+from sbsearch.study import Store
 from sbsearch.spec import parse_spec
 from tests.conftest import tiny_spec_dict
 from tests.test_sweep import check_records_agree
@@ -41,8 +41,8 @@ def _sweep_cmd(spec: Path, out: Path) -> list[str]:
 
 
 def _trials(raw: dict[str, Any], out: Path) -> list[optuna.trial.FrozenTrial]:
-    study = load_study(parse_spec(raw), out)
-    return [] if study is None else study.get_trials()
+    store = Store.load(parse_spec(raw), out)
+    return [] if store is None else store.trials()
 
 
 def _wait_until_a_trial_runs_after_one_finished(raw: dict[str, Any], out: Path, proc: subprocess.Popen[str],

@@ -347,3 +347,60 @@ def test_a_spec_that_searches_nothing_is_refused_unless_it_asks_for_it() -> None
     assert problems({"search": {"repeat": True, "sampler": "grid"}}) == [
         "search.repeat: needs a sampler that can repeat a configuration (random or tpe); the grid sampler runs each "
         "one once, but got True"]
+
+
+# --- what a model cannot take: one line per problem, before anything runs ------------------------
+
+
+@pytest.mark.parametrize("changes, path", [
+    ({"model__name": "resnet18", "space": {"controls": {"width_matched": True}}}, "space.controls.width_matched"),
+    ({"model__name": "densenet121", "space": {"controls": {"bias_lr_multiplier": 2.0}}},
+     "space.controls.bias_lr_multiplier"),
+    ({"space": {"norm": {"kind": ["none", "batch"]}, "controls": {"bias_lr_multiplier": "auto"}}},
+     "space.controls.bias_lr_multiplier"),
+    ({"model__name": "densenet121", "space": {"equivariance": {"how": "layers"}}}, "space.equivariance.how"),
+    ({"model__name": "mlp", "space": {"dropout": {"rate": 0.2, "kind": "channel"}}}, "space.dropout.kind"),
+    ({"model__name": "resnet18", "space": {"dropout": {"rate": 0.2}}}, "space.dropout.rate"),  # where: all
+    ({"model__cifar_stem": True}, "model.cifar_stem"),
+    ({"train__optimizer": "lbfgs", "space": {"equivariance": {"how": "augment"}}}, "space.equivariance.how"),
+    ({"space": {"controls": {"bias_lr_multiplier": {"low": "auto", "high": 3.0}}}},
+     "space.controls.bias_lr_multiplier.low"),
+    ({"space": {"controls": {"bias_lr_multiplier": 0.0}}}, "space.controls.bias_lr_multiplier"),
+])
+def test_validation_says_what_cannot_apply_in_one_line(changes: dict[str, Any], path: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(tiny_spec_dict(**changes))
+    lines = str(caught.value).strip().splitlines()
+    assert any(line.strip().startswith(f"{path}:") and "but got" in line for line in lines), lines
+
+
+def test_an_image_too_small_for_the_network_is_caught_before_running() -> None:
+    # DenseNet pools an 8x8 digit to nothing; validation runs the network on shapes alone to find out.
+    with pytest.raises(SpecError) as caught:
+        parse_spec(tiny_spec_dict(model__name="densenet121"))
+    assert ("model.name: densenet121 needs images of at least 29x29, and data set 'digits' gives 8x8: "
+            "set data.image_size, or model.cifar_stem: true, but got 'densenet121'") in str(caught.value).splitlines()
+    # Expanded but strided back by the stem, the first feature map is as small as the digit's own.
+    with pytest.raises(SpecError) as caught:
+        parse_spec(tiny_spec_dict(model__name="densenet121",
+                                  space={"expansion": {"factor": [2, 3], "stem": "stride"}}))
+    [line] = str(caught.value).strip().splitlines()
+    assert line.startswith("space.expansion.factor: densenet121 at expansion.factor 2 (stem stride) needs images "
+                           "of at least"), line
+
+
+@pytest.mark.parametrize("changes", [
+    {"model__name": "resnet18", "model__cifar_stem": True, "space": {"equivariance": {"how": "augment"}}},
+    {"model__name": "densenet121", "data__image_size": 32, "space": {"dropout": {"rate": 0.2, "where": "all"}}},
+    {"model__name": "densenet121", "model__cifar_stem": True, "space": {"expansion": {"factor": [1, 3]}}},
+    {"space": {"controls": {"bias_lr_multiplier": [1.0, "auto"], "width_matched": [False, True]}}},
+    {"model__name": "mlp", "space": {"asymmetry": {"fraction": {"low": 0.0, "high": 0.5}}}},
+])
+def test_validation_accepts_what_applies(changes: dict[str, Any]) -> None:
+    parse_spec(tiny_spec_dict(**changes))
+
+
+def test_spec_names_cannot_escape_the_output_folder() -> None:
+    for name in ("..", "../x", "/etc", "a/b", ".hidden"):
+        with pytest.raises(SpecError, match="^name: must be 1-100 letters"):
+            parse_spec({"name": name})

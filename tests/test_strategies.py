@@ -36,3 +36,29 @@ def test_a_wrong_value_is_told_the_rule_the_table_shows() -> None:
     text = str(caught.value)
     assert "space.controls.width_matched: must be true or false" in text
     assert "space.norm.kind: must be one of 'none', 'batch', 'group', 'layer'" in text
+
+
+def test_input_steps_run_by_stage_symmetry_first_and_controls_can_drop_the_expansion() -> None:
+    from sbsearch.strategies import input_transforms
+    from tests.conftest import strategy_settings
+
+    def stages(**knobs: object) -> list[str]:
+        return [step.stage for step in input_transforms(strategy_settings(**knobs), "image")]
+
+    # Registry order puts the expansion first; the stage puts the augmentation before it.
+    assert stages(expansion__factor=2, equivariance__how="augment") == ["symmetry", "raw"]
+    assert stages(expansion__factor=2, expansion__fill_space="normalized", equivariance__how="augment") == [
+        "symmetry", "normalized"]
+    assert stages(expansion__factor=2, controls__width_matched=True) == []  # the control stands in for it
+    assert stages() == []
+
+
+def test_a_trial_defers_its_training_inputs_only_for_hooks_that_need_the_image() -> None:
+    from sbsearch.strategies import defers_training_inputs
+    from tests.conftest import strategy_settings
+
+    assert defers_training_inputs(strategy_settings(equivariance__how="augment"), "image")
+    assert defers_training_inputs(strategy_settings(equivariance__how="penalty"), "image")
+    assert not defers_training_inputs(strategy_settings(equivariance__how="penalty", equivariance__penalty_weight=0.0),
+                                      "image")
+    assert not defers_training_inputs(strategy_settings(syre__gamma=0.1, expansion__factor=2), "image")

@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from sbsearch.backends.optuna import open_study
+from sbsearch.study import Store
 from sbsearch.spec import parse_spec
 from sbsearch.sweep import run_sweep
 from tests.conftest import tiny_spec_dict
@@ -35,7 +35,7 @@ def check_records_agree(out: Path, spec_raw: dict[str, Any], expected_trials: in
     uri = f"sqlite:///{out / 'mlflow.db'}"
     parent, children = _runs(uri, spec.name)
     client = MlflowClient(tracking_uri=uri)
-    study = open_study(spec, out, "maximize")
+    study = Store.open(spec, out, "maximize").study
     trials = [t for t in study.get_trials() if not t.user_attrs.get("sbsearch.interrupted")]
     with open(out / "trials.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -114,7 +114,9 @@ def test_a_sweep_of_an_older_version_resumes_when_the_new_keys_keep_their_defaul
     quiet = Console(file=open("/dev/null", "w"))
     run_sweep(parse_spec(tiny_spec_dict(search__trials=1, train__epochs=1)), tmp_path / "out", console=quiet)
     saved = yaml.safe_load((tmp_path / "out" / "spec.yaml").read_text(encoding="utf-8"))
-    del saved["search"]["repeat"]  # a key that an older version did not write
+    for section, key in [("search", "repeat"), ("search", "storage"), ("search", "stale_after")]:
+        del saved[section][key]  # keys that older versions did not write
+    del saved["space"]["syre"]  # nor a strategy they did not have
     (tmp_path / "out" / "spec.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     result = run_sweep(parse_spec(tiny_spec_dict(search__trials=2, train__epochs=1)), tmp_path / "out", console=quiet)
     assert [r.number for r in result.records] == [0, 1]
@@ -159,7 +161,7 @@ def test_a_sweep_begun_again_in_a_recreated_folder_gets_its_own_parent_run(tmp_p
 def _schedule_run(raw: dict[str, Any], lag: int, finish_order: list[int]) -> dict[int, dict[str, Any]]:
     """Drive the fixed schedule over a real in-memory study, finishing trials in ``finish_order`` (as
     workers of different speeds would): each slot is sampled as soon as its turn has come."""
-    from sbsearch.backends.optuna import _Chosen, _OptunaSuggest, _turn_has_come, sample_on_replay
+    from sbsearch.backends.optuna import OptunaSuggest, _Chosen, _turn_has_come, sample_on_replay
     from sbsearch.space import sample_config
 
     spec = parse_spec(raw)
@@ -174,7 +176,7 @@ def _schedule_run(raw: dict[str, Any], lag: int, finish_order: list[int]) -> dic
         if _turn_has_come(frozen, slot, lag, names):
             study.sampler = _Chosen(sample_on_replay(spec, "maximize", frozen, slot, lag))
             trial = study.ask()
-            sample_config(spec, _OptunaSuggest(trial))
+            sample_config(spec, OptunaSuggest(trial))
             held[slot] = running[slot] = trial
             continue
         # Not its turn: the next trial in finish_order that is running finishes (its value a function of its params).

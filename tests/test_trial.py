@@ -1,4 +1,5 @@
-"""A trial's clock: ``seconds`` is its own work; its worker's one-time set-up is recorded apart."""
+"""A trial: its clock (``seconds`` is its own work; its worker's one-time set-up is recorded apart), and what
+``build_trial`` hands the model builder."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 import pytest
 
 from sbsearch import trial
+from sbsearch.data import load_dataset
 from sbsearch.space import config_from_params
 from sbsearch.spec import parse_spec
-from sbsearch.trial import SweepContext, run_trial
-from tests.conftest import tiny_spec_dict
+from sbsearch.trial import SweepContext, build_trial, run_trial
+from tests.conftest import tiny_spec_dict, trial_config
 
 SLOW_LOAD = 2.0  # seconds the data set takes to load, far more than the tiny trial itself
 
@@ -43,3 +45,13 @@ def test_a_workers_first_trial_records_its_set_up_apart_and_later_ones_have_none
     assert first.startup_seconds >= SLOW_LOAD
     assert first.seconds < SLOW_LOAD  # the trial's own time leaves the loading out
     assert second.startup_seconds == 0.0 and 0.0 < second.seconds < SLOW_LOAD
+
+
+def test_auto_multiplier_through_a_trial_uses_the_normalised_constant() -> None:
+    spec = parse_spec(tiny_spec_dict(model__name="mlp", space={}))
+    split, desc = build_trial(spec, trial_config(expansion__factor=2, expansion__fill=0.5,
+                                                 controls__bias_lr_multiplier="auto"))
+    base = load_dataset("digits", spec.data.val_fraction, spec.seed)
+    c = (0.5 - base.mean) / base.std  # fill_space raw: the constant is normalised like the pixels
+    assert split.x_train.shape[1:] == (1, 8, 8) and desc.input_shape == (1, 8, 8)
+    assert desc.bias_lr_multiplier == pytest.approx(1 + (256 - 64) * float(c[0]) ** 2, rel=1e-5)

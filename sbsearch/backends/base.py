@@ -7,24 +7,13 @@ import signal
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from sbsearch.study import TrialView
 from sbsearch.trial import SweepContext, TrialRecord
 
 __all__ = ["Backend", "TrialView", "ProgressSink", "SweepInterrupted", "StopSignals", "STOP_SIGNALS"]
-
-
-@dataclass(frozen=True)
-class TrialView:
-    """One trial as the progress display shows it."""
-
-    number: int
-    state: str  # RUNNING | COMPLETE | PRUNED | FAIL
-    value: float | None
-    epoch: int
-    label: str
 
 
 ProgressSink = Callable[[list[TrialView]], None]

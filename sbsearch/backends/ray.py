@@ -2,9 +2,11 @@
 
 How the pieces map onto Ray Tune:
 
-- **Search**: ``OptunaSearch`` with a define-by-run space that calls ``sample_config``, over the same
-  journal file study as the Optuna backend (``OUT/optuna.journal``), so a trial's number, parameters,
-  per-epoch metric and final record (``sbsearch.record``) live where ``trials.csv`` is built from.
+- **Search**: ``OptunaSearch`` with a define-by-run space that calls ``sample_config``, over the sweep's
+  store (``sbsearch.study``: ``OUT/optuna.journal`` or ``search.storage``), so a trial's number,
+  parameters, per-epoch metric and final record live where ``trials.csv`` is built from. The searcher
+  asks for a trial under the store's claim lock and only while the sweep's budget is not met, so
+  several drivers (and Optuna-backend processes) can share one storage.
 - **Pruning**: the spec's rule (``sbsearch.pruning``) decides inside the trial after each epoch, seeing
   the other trials (their states and metrics after each epoch) through a small actor on the driver's
   node; ``asha`` and ``ray_hyperband`` are Ray's own schedulers instead. A trial that Ray stops is
@@ -41,20 +43,21 @@ from typing import Any
 import optuna
 import ray
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import TrialState as OptunaState
 from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sbsearch.backends import optuna as optuna_backend
+from sbsearch.study import Store, failure_message, record_from, trial_level
 from sbsearch.backends.base import Backend, ProgressSink, StopSignals, SweepInterrupted
 from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError
 from sbsearch.pruning import PeerTrial, PruningRule, rule_for
-from sbsearch.space import config_from_params, sample_config
+from sbsearch.space import config_from_params, sample_config, trial_budget
 from sbsearch.spec import RAY_SCHEDULERS, Spec
 from sbsearch.tracking import Tracker
-from sbsearch.trial import SweepContext, TrialRecord, run_trial, trial_run_name
+from sbsearch.trial import SweepContext, TrialRecord, TrialState, final_metrics, run_trial, trial_run_name
 
 __all__ = ["RayBackend", "experiment_path"]
 
@@ -134,7 +137,7 @@ class _Board:
         if attempt:
             self.recorded_here.add(number)
         old = self.trials.get(number)
-        history = {i + 1: _trial_level(m) for i, m in enumerate(record.get("history") or [])}
+        history = {i + 1: trial_level(m) for i, m in enumerate(record.get("history") or [])}
         self.trials[number] = PeerTrial(number, record["state"], history or (old.history if old else {}),
                                         final if record["state"] == "COMPLETE" else None)
         return True
@@ -143,21 +146,19 @@ class _Board:
         return self.records.get(number)
 
 
-def _trial_level(metrics: Mapping[str, float]) -> dict[str, float]:
-    # Per-layer scores stay out, as in the Optuna backend: the rules need the trial-level metrics only.
-    return {k: float(v) for k, v in metrics.items() if not k.startswith("sb_score.")}
-
-
 @dataclass
 class _Session:
     """What the driver's searcher needs from this run; the searcher itself is pickled into Ray's
     experiment state and restored from there, so it finds the live objects here rather than in itself."""
 
     ctx: SweepContext
+    store: Store
     board: str
     deadline: float | None
+    budget: int
     since: float = 0.0  # when this run started: failures in a row count from here
     stopped_because: str | None = None
+    next_check: float = 0.0  # when to look for trials of silent processes next (time.monotonic)
 
 
 _SESSION: _Session | None = None
@@ -193,7 +194,7 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
     if done is not None:
         # It finished after Ray last saved its state (before the driver died), or its process died
         # after it finished: Ray restarts it, but its record stands. Report that instead of training.
-        _report_outcome(_record_from(done), {})
+        _report_outcome(record_from(done), {})
         return
     _delete_runs_of(ctx, number)
     last: dict[str, float] = {}
@@ -207,7 +208,7 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
         # is never cut short before it recorded itself COMPLETE.
         if epoch < ctx.spec.train.epochs:
             tune.report({**numbers, "epoch": epoch})
-        peers = ray.get(handle.report.remote(number, epoch, _trial_level(numbers), attempt))
+        peers = ray.get(handle.report.remote(number, epoch, trial_level(numbers), attempt))
         if peers is None:
             raise _Superseded()
         return None if rule is None else rule.decide(epoch, metrics, peers, number)
@@ -238,7 +239,7 @@ def _report_outcome(record: TrialRecord, last: Mapping[str, float]) -> None:
 
 def _define_space(spec: Spec, trial: Any) -> dict[str, Any]:
     """Ray's define-by-run space: the backend-neutral sampler, plus the trial's number."""
-    sample_config(spec, optuna_backend._OptunaSuggest(trial))
+    sample_config(spec, optuna_backend.OptunaSuggest(trial))
     return {_NUMBER: trial.number}
 
 
@@ -257,8 +258,7 @@ def _close_run(ctx: SweepContext, record: TrialRecord, params: Mapping[str, Any]
     config = config_from_params(ctx.spec, params)
     # start_trial reuses the run the trial left, or creates it when the trial never logged one.
     run_id = tracker.start_trial(ctx.parent_run_id, record.number, config.params, trial_run_name(record.number, config))
-    final = {**record.final, "duration_s": record.seconds, "epochs_run": float(record.epochs_run)}
-    tracker.end_trial(run_id, record.state, final, {"sbsearch.reason": record.reason})
+    tracker.end_trial(run_id, record.state, final_metrics(record), {"sbsearch.reason": record.reason})
     return str(run_id)
 
 
@@ -274,22 +274,35 @@ class _SweepSearch(OptunaSearch):
         session = _SESSION
         if session is not None and session.deadline is not None and time.time() > session.deadline:
             return Searcher.FINISHED  # type: ignore[return-value]  # Ray's "no more trials" marker
-        limit = session.ctx.spec.search.max_consecutive_failures if session is not None else 0
-        if session is not None and limit and self._ot_study is not None:
-            failed = optuna_backend.failures_in_a_row(self._ot_study, session.since)
+        if session is None:
+            return super().suggest(trial_id)
+        store, spec = session.store, session.ctx.spec
+        limit = spec.search.max_consecutive_failures
+        if limit:
+            failed = store.failures_in_a_row(session.since)
             if len(failed) >= limit:
-                last = failed[0]
-                reason = str(last.user_attrs.get(optuna_backend._RECORD, {}).get("reason", ""))[:200]
-                session.stopped_because = (
-                    f"search.max_consecutive_failures: the sweep stopped after {len(failed)} failed trials in a row "
-                    f"(last: trial {last.number}, {reason}); fix the cause and run the same command to go on")
-                return Searcher.FINISHED
-        return super().suggest(trial_id)
+                session.stopped_because = failure_message(failed)
+                return Searcher.FINISHED  # type: ignore[return-value]
+        if time.monotonic() >= session.next_check:  # trials of processes sharing the storage that went silent
+            optuna_backend.take_over_orphans(session.ctx, store, earlier_runs=False)
+            session.next_check = time.monotonic() + min(10.0, spec.search.stale_after / 4)
+        with store.lock.held():  # other drivers may share the storage: the budget is the sweep's, not this run's
+            counted = store.counted()
+            if len(counted) >= session.budget:
+                # Done, or other processes still run the last trials: if one dies, its trial is taken over here.
+                others = any(t.state == OptunaState.RUNNING and t.user_attrs.get("sbsearch.owner") != store.owner
+                             for t in counted)
+                return None if others else Searcher.FINISHED  # type: ignore[return-value]
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None:
+                store.claim(ot_trial, ot_trial.number, os.getpid())
+        return config
 
     def _finished_in_study(self, ot_trial: Any) -> bool:
         """Whether the study already holds the trial's outcome (it finished before the driver died)."""
         assert self._ot_study is not None
-        return bool(self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished())
+        return bool(self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished())  # one trial, not all
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -309,18 +322,18 @@ class _SweepSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         if self._finished_in_study(ot_trial):
             return
-        session, study = _SESSION, self._ot_study
-        assert session is not None and study is not None, "the searcher runs only inside RayBackend.run"
+        session = _SESSION
+        assert session is not None, "the searcher runs only inside RayBackend.run"
+        store = session.store
         number, params = ot_trial.number, dict(ot_trial.params)
         stored = None
         with contextlib.suppress(Exception):  # the board is gone when the driver is shutting down
             stored = ray.get(_board(session.board).record.remote(number))
         if stored is not None:
-            record = _record_from(stored)
+            record = record_from(stored)
         elif result is None and not error:
             # Never started (the sweep ended first): not one of the sweep's trials.
-            ot_trial.set_user_attr(optuna_backend._INTERRUPTED, "the sweep ended before this trial started")
-            optuna_backend._tell(study, ot_trial, state=TrialState.FAIL)
+            store.mark_interrupted(number, "the sweep ended before this trial started", set(), requeue=False)
             _delete_runs_of(session.ctx, number)
             return
         else:
@@ -333,18 +346,7 @@ class _SweepSearch(OptunaSearch):
                 ray.get(_board(session.board).finish.remote(asdict(record), record.final.get(self.metric)))
             if result is not None:  # Ray does not pass the result that made it stop to on_trial_result
                 self.on_trial_result(trial_id, result)
-        ot_trial.set_user_attr(optuna_backend._RECORD, asdict(record))
-        value = record.final.get(self.metric)
-        if record.state == "COMPLETE" and value is not None and math.isfinite(value):
-            optuna_backend._tell(study, ot_trial, value)
-        else:
-            optuna_backend._tell(study, ot_trial, state=TrialState.PRUNED if record.state == "PRUNED" else TrialState.FAIL)
-
-
-def _record_from(stored: Mapping[str, Any]) -> TrialRecord:
-    # A worker may run a newer or older sbsearch than the driver during an upgrade: keep the known fields.
-    known = {f.name for f in fields(TrialRecord)}
-    return TrialRecord(**{k: v for k, v in stored.items() if k in known})
+        store.finish(ot_trial, record, self.metric)
 
 
 def _record_of_stopped_trial(ctx: SweepContext, number: int, params: dict[str, Any], result: Mapping[str, Any] | None,
@@ -354,12 +356,12 @@ def _record_of_stopped_trial(ctx: SweepContext, number: int, params: dict[str, A
     if error:
         reason = (f"ray: the trial's worker failed {spec.ray.max_failures + 1} time(s) (a lost node, a killed process "
                   f"or an error outside the trial); see {experiment_path(ctx.out_dir)}")
-        state = "FAIL"
+        state = TrialState.FAIL
     elif epoch >= spec.train.epochs:  # stopped at its last epoch: it ran every epoch, so it is complete
-        reason, state = "", "COMPLETE"
+        reason, state = "", TrialState.COMPLETE
     else:
         reason = f"{spec.search.pruner}: Ray Tune's scheduler stopped the trial at epoch {epoch}"
-        state = "PRUNED"
+        state = TrialState.PRUNED
     seconds = float((result or {}).get("time_total_s", 0.0) or 0.0)
     return TrialRecord(number, state, params, _metrics_of(result), epochs_run=epoch, seconds=seconds, reason=reason)
 
@@ -433,10 +435,10 @@ class RayBackend(Backend):
         metric, direction = DATASETS[spec.data.dataset].objective
         # Each trial gets the CPUs Ray reserved for it as torch threads.
         ctx = replace(ctx, threads=spec.train.threads or max(1, int(spec.ray.cpus_per_trial)))
-        study = optuna_backend.open_study(spec, ctx.out_dir, direction)  # creates the journal and checks the direction
+        study = optuna_backend.open_store(ctx)
         started = _connect(spec)
         board_name = f"sbsearch-board-{uuid.uuid4().hex[:12]}"
-        budget: int = optuna_backend.trial_budget(spec)  # type: ignore[attr-defined]
+        budget = trial_budget(spec)
         try:
             # After ray.init, which installs a SIGTERM handler of its own that shuts Ray down at once.
             with StopSignals("Ray Tune saves its state and stops the running trials",
@@ -444,10 +446,10 @@ class RayBackend(Backend):
                 try:
                     board: Any = ray.remote(num_cpus=0)(_Board).options(
                         name=board_name, namespace=_NAMESPACE, scheduling_strategy=_on_this_node()).remote(
-                            _finished_peers(study, metric), _finished_records(study))
+                            _finished_peers(study, metric), study.finished_records())
                     ray.get(board.record.remote(-1))  # placed and running before any trial asks
                     deadline = time.time() + spec.search.timeout if spec.search.timeout else None
-                    _SESSION = _Session(ctx, board_name, deadline, since=time.time())
+                    _SESSION = _Session(ctx, study, board_name, deadline, budget, since=time.time())
                     rule = None if spec.search.pruner in RAY_SCHEDULERS else rule_for(spec, metric, direction)
                     trainable = tune.with_resources(
                         tune.with_parameters(_trainable, ctx=ctx, board=board_name, rule=rule),
@@ -463,19 +465,19 @@ class RayBackend(Backend):
                         # A restored experiment keeps the number of trials it began with: a larger --trials (or
                         # search.trials) runs the rest as a new experiment, with the current search.parallel.
                         _forget_orphans(ctx, study)
-                        if _finished(study) < budget:
+                        if study.finished() < budget:
                             path = path.with_name(f"experiment-{len(_experiment_paths(ctx.out_dir)) + 1}")
                             tuner = self._new_tuner(ctx, study, trainable, metric, direction, path)
                             interrupted, ended = self._fit(tuner, study, spec, progress)
                             self.stopped_because = _SESSION.stopped_because
-                    if (interrupted or (signals.requested.is_set() and _finished(study) < budget)
+                    if (interrupted or (signals.requested.is_set() and study.finished() < budget)
                             or (self.stopped_because is None and _unfinished(study, spec, deadline))):
                         raise SweepInterrupted(signals.signum)
                     _forget_orphans(ctx, study)
-                    progress(optuna_backend._views(study, spec))
+                    progress(study.views(spec))
                 except KeyboardInterrupt:  # a second signal, or a first one before Tune's loop began
                     raise SweepInterrupted(signals.signum) from None
-            return optuna_backend.records_from_study(study)
+            return study.records()
         finally:
             _SESSION = None
             if started:
@@ -488,7 +490,7 @@ class RayBackend(Backend):
                                   restart_errored=False)
 
     @staticmethod
-    def _new_tuner(ctx: SweepContext, study: optuna.Study, trainable: Any, metric: str, direction: str,
+    def _new_tuner(ctx: SweepContext, study: Store, trainable: Any, metric: str, direction: str,
                    path: Path) -> Any:
         spec = ctx.spec
         # One sampler for every trial of this experiment, seeded by the spec's seed and the number of
@@ -496,11 +498,11 @@ class RayBackend(Backend):
         # searcher whenever a slot frees up, so what a trial sees depends on timing at parallel > 1.
         search = _SweepSearch(
             functools.partial(_define_space, spec), metric=metric, mode=_MODES[direction],
-            sampler=optuna_backend._sampler(spec, len(study.trials)), study_name=spec.name, storage=study._storage)
+            sampler=optuna_backend.sampler(spec, len(study.trials())), study_name=spec.name, storage=study.storage)
         return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=_scheduler(spec, metric, direction),
-                                        num_samples=max(1, optuna_backend.trial_budget(spec) - _finished(study)),  # type: ignore[attr-defined]
+                                        num_samples=max(1, trial_budget(spec) - study.finished()),
                                         max_concurrent_trials=spec.search.parallel,
                                         # a warm worker skips the imports and data loading: seconds per trial
                                         reuse_actors=True),
@@ -508,7 +510,7 @@ class RayBackend(Backend):
                                       failure_config=tune.FailureConfig(max_failures=spec.ray.max_failures)),
         )
 
-    def _fit(self, tuner: Any, study: optuna.Study, spec: Spec, progress: ProgressSink) -> tuple[bool, bool]:
+    def _fit(self, tuner: Any, study: Store, spec: Spec, progress: ProgressSink) -> tuple[bool, bool]:
         """Run Tune, showing progress from the journal. Returns (a signal stopped it at once, every trial
         of the experiment ended: none left pending or running, as after Ctrl-C)."""
         stop = threading.Event()
@@ -523,7 +525,7 @@ class RayBackend(Backend):
         def show() -> None:
             while not stop.wait(self.poll_seconds):
                 with contextlib.suppress(Exception):  # a half-written journal line: next time
-                    progress(optuna_backend._views(study, spec))
+                    progress(study.views(spec))
 
         shower = threading.Thread(target=show, name="sbsearch-progress", daemon=True)
         shower.start()
@@ -557,37 +559,26 @@ def _on_this_node() -> Any:
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _unfinished(study: optuna.Study, spec: Spec, deadline: float | None) -> bool:
+def _unfinished(study: Store, spec: Spec, deadline: float | None) -> bool:
     """Tune returns normally when Ctrl-C stopped it (after saving its state): the sweep was interrupted
-    when trials are still running and the budget is not met."""
-    trials = optuna_backend._counted(study.get_trials(deepcopy=False))
-    running = any(t.state == TrialState.RUNNING for t in trials)
-    finished = sum(t.state.is_finished() for t in trials)
-    budget: int = optuna_backend.trial_budget(spec)  # type: ignore[attr-defined]
-    return running and finished < budget and (deadline is None or time.time() < deadline)
+    when trials of this run are still running and the budget is not met."""
+    running = bool(study.running_of(study.owner))
+    return running and study.finished() < trial_budget(spec) and (deadline is None or time.time() < deadline)
 
 
-def _finished(study: optuna.Study) -> int:
-    """Finished trials that count towards the budget (not those an interruption cut short)."""
-    return sum(t.state.is_finished() for t in optuna_backend._counted(study.get_trials(deepcopy=False)))
-
-
-def _finished_peers(study: optuna.Study, metric: str) -> list[PeerTrial]:
+def _finished_peers(study: Store, metric: str) -> list[PeerTrial]:
     """The peers a resumed sweep starts with: its finished trials (running ones start again)."""
-    return [p for p in optuna_backend._peers(study, -1, metric) if p.state != "RUNNING"]
+    return [p for p in study.peers(-1, metric) if p.state != "RUNNING"]
 
 
-def _finished_records(study: optuna.Study) -> dict[int, dict[str, Any]]:
-    """The records of the trials the study holds as finished, by number."""
-    return {t.number: t.user_attrs[optuna_backend._RECORD] for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished() and optuna_backend._RECORD in t.user_attrs}
-
-
-def _forget_orphans(ctx: SweepContext, study: optuna.Study) -> None:
-    """Trials asked for after Ray's last saved state, before the driver was killed, belong to no Ray
-    trial: once the sweep is complete, they are marked interrupted (not counted) and their runs deleted."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, optuna_backend._INTERRUPTED, "its Ray trial was lost with the driver")
-        optuna_backend._tell(study, t.number, state=TrialState.FAIL)
+def _forget_orphans(ctx: SweepContext, study: Store) -> None:
+    """Trials this run asked for after Ray's last saved state, before the driver was killed, belong to no
+    Ray trial: once the sweep is complete, they are marked interrupted (not counted) and their runs deleted.
+    Those of a driver killed earlier in this folder are this run's: Ray restored its experiment."""
+    for t in study.running_of(study.owner):
+        study.mark_interrupted(t.number, "its Ray trial was lost with the driver", set(), requeue=False)
         _delete_runs_of(ctx, t.number)
+    optuna_backend.take_over_orphans(ctx, study, requeue=False)
 
+
+BACKEND = RayBackend

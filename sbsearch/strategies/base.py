@@ -1,15 +1,35 @@
-"""What a strategy is: named knobs, plus edits to the inputs or to a plain model description."""
+"""What a strategy is: named knobs, plus one hook per stage of the data flow it touches.
+
+A strategy may contribute a step to the trial's input pipeline (``transform_input``), edit the plain
+model description (``edit_model``), add a term to the training loss (``loss_term``), refuse what it
+cannot apply to (``incompatible``) and offer the report the controls that test its gain
+(``report_controls``). The data, the model builder and the trainer call these hooks for every
+registered strategy in turn, and know no strategy by name.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["Knob", "ModelDesc", "Settings", "Strategy"]
+__all__ = [
+    "INPUT_STAGES",
+    "BatchInputs",
+    "ControlSet",
+    "InputTransform",
+    "Knob",
+    "LossBatch",
+    "LossTerm",
+    "ModelDesc",
+    "ReplicaStart",
+    "ReportControl",
+    "Settings",
+    "Strategy",
+]
 
 Settings = Mapping[str, object]
 """One strategy's knob values, by knob name (``{"factor": 2, "fill": 0.5}``)."""
@@ -135,10 +155,6 @@ class ModelDesc:
     # Group-equivariant blocks of small_cnn: "none", "stem", "early" or "all", for group "c4" or "d4".
     equivariant_layers: str = "none"
     equivariant_group: str = "c4"
-    # Asked of training rather than of the architecture: the trainer applies these.
-    augment_group: str = "none"  # random group elements applied to every training image
-    penalty_group: str = "none"  # a loss term penalty_weight * mean |f(g.x) - f(x)|^2
-    penalty_weight: float = 0.0
     frozen_fraction: float = 0.0  # share of every conv/linear weight frozen at fixed random values
     bias_lr_multiplier: float | str = 1.0  # on the first layer's bias; "auto" until resolved by the data
     bias_scale: float | str = 1.0  # the first layer's bias enters as bias_scale * bias; "auto" as above
@@ -151,29 +167,174 @@ class ModelDesc:
         return len(self.input_shape) == 3
 
 
-InputTransform = Callable[[torch.Tensor, Settings], torch.Tensor]
 ModelEdit = Callable[[ModelDesc, Settings], ModelDesc]
 Compatibility = Callable[[Settings, str, str], "str | None"]
 
 
+# --- the input stage -----------------------------------------------------------------------------
+
+InputStage = Literal["symmetry", "raw", "normalized"]
+
+INPUT_STAGES: tuple[InputStage, ...] = ("symmetry", "raw", "normalized")
+"""The stages of a trial's input pipeline, in the order they run on a batch of raw inputs:
+
+- ``symmetry``: symmetry transforms of the data (random rotations of a training image), on training
+  batches only and on the image as the data set has it, before anything changes its size or units;
+- ``raw``: deterministic steps in raw input units, on every split (the expansion with ``fill_space: raw``);
+- the data's own normalisation (not a strategy's step);
+- ``normalized``: deterministic steps on normalised inputs, on every split.
+
+Within a stage, steps run in registry order."""
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """One strategy's step in a trial's input pipeline.
+
+    Args:
+        stage: where in the pipeline it runs (``INPUT_STAGES``).
+        apply: maps a batch (N, ...) to the next batch. ``symmetry`` steps get the trainer's generator
+            for their random draws; the deterministic stages get ``None`` and must not draw.
+    """
+
+    stage: InputStage
+    apply: Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+# --- the loss stage ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaStart:
+    """What a loss term may fix once per training, before the first step (a random anchor, say).
+
+    ``initial`` holds every weight that connects units (conv, linear and group-conv weights, in module
+    order: the first layer first, the output layer last), stacked over replicas (R, ...) at
+    initialisation; ``seeds`` are the replicas' initialisation seeds, in the same order.
+    """
+
+    seeds: tuple[int, ...]
+    initial: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """One training batch as a loss term sees it (absent in L-BFGS's full-batch step).
+
+    ``x`` is the batch after the ``symmetry`` stage and before the rest of the pipeline, ``pipeline``
+    that rest (the identity when the trainer got prepared inputs), ``out`` = ``net(pipeline(x))``
+    (R, B, out), computed once for the task loss; ``generator`` is the trainer's stream for random draws.
+    """
+
+    net: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    out: torch.Tensor
+    pipeline: Callable[[torch.Tensor], torch.Tensor]
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """What a loss term reads at one training step.
+
+    ``weights`` holds every parameter by name, stacked (R', ...) over the replicas listed in
+    ``replicas`` (indices into ``ReplicaStart.seeds``: all of them, or one under L-BFGS, which steps each
+    replica on its own). They are the live, trained tensors: a term built from them trains them.
+    """
+
+    weights: Mapping[str, torch.Tensor]
+    replicas: tuple[int, ...]
+    inputs: BatchInputs | None
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A term a strategy adds to the training loss, summed over replicas like the task loss.
+
+    Args:
+        start: called once per training with the replicas' start; returns the term, a function of
+            one step's ``LossBatch``. What it fixes (an anchor) lives in that function, never in the model:
+            the optimiser and the replica score see only the model's own parameters.
+        sees_inputs: the term reads ``LossBatch.inputs``; the trial then hands the trainer its training
+            inputs before the pipeline, so that ``x`` is the image and not the expanded canvas.
+    """
+
+    start: Callable[[ReplicaStart], Callable[[LossBatch], torch.Tensor]]
+    sees_inputs: bool = False
+
+
+InputHook = Callable[[Settings, str], "InputTransform | None"]
+LossHook = Callable[[Settings], "LossTerm | None"]
+
+
+# --- the report's controls -----------------------------------------------------------------------
+
+Params = Mapping[str, Any]
+"""One trial's parameters by dotted knob name (``expansion.factor``), as a sweep records them."""
+
+
+@dataclass(frozen=True)
+class ReportControl:
+    """A baseline that rebuilds one confounder of a strategy's gain without the strategy itself.
+
+    Args:
+        name: short name (``bias_lr``).
+        label: what the report calls it.
+        knob: the knob that switches it on; the report offers the control only where a spec has that knob.
+        rebuilds: the confounder, in words (``the extra parameters of the expanded model``).
+        member: whether a trial's parameters make it a trial of this control.
+        how: the spec line that adds the control to a sweep.
+    """
+
+    name: str
+    label: str
+    knob: str
+    rebuilds: str
+    member: Callable[[Params], bool]
+    how: str
+
+
+@dataclass(frozen=True)
+class ControlSet:
+    """What a report needs to test one strategy's gain against its controls.
+
+    The gain is the mean metric of ``treated`` trials minus that of ``baseline`` trials; each control's
+    gain is its ``member`` trials' mean minus the same baseline. ``tried`` says whether a trial tried the
+    treatment in any form (treated or a control of it): with none, there is no gain to explain.
+    """
+
+    treatment: str
+    tried: Callable[[Params], bool]
+    treated: Callable[[Params], bool]
+    baseline: Callable[[Params], bool]
+    controls: tuple[ReportControl, ...]
+
+
 @dataclass(frozen=True)
 class Strategy:
-    """A registered symmetry-breaking strategy.
+    """A registered symmetry-breaking strategy: its knobs and a hook per stage it touches.
 
     Args:
         name: the registered name; its knobs appear as ``<name>.<knob>`` everywhere.
         doc: one line on what it does.
         knobs: its settings with their rules and defaults.
+        transform_input: given settings and input kind (``image``/``vector``), its step of the input
+            pipeline, or ``None`` when it leaves the inputs alone.
         edit_model: returns an edited model description for the given settings.
-        incompatible: given settings, model name and input kind (``image``/``vector``), says why the
-            strategy cannot apply, or returns ``None``.
+        loss_term: given settings, the term it adds to the training loss, or ``None`` when it adds none.
+        incompatible: given settings, model name and input kind, says why the strategy cannot apply,
+            or returns ``None``.
+        report_controls: the baselines the report sets beside this strategy's gain.
     """
 
     name: str
     doc: str
     knobs: tuple[Knob, ...]
+    transform_input: InputHook | None = None
     edit_model: ModelEdit | None = None
+    loss_term: LossHook | None = None
     incompatible: Compatibility | None = None
+    report_controls: ControlSet | None = None
     knob_by_name: dict[str, Knob] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

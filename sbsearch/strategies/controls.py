@@ -54,12 +54,13 @@ its final values as ``controls.bias_lr_multiplier_value`` and ``controls.bias_sc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
-from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
+from sbsearch.strategies.base import ControlSet, Knob, ModelDesc, Params, ReportControl, Settings, Strategy
 
-__all__ = ["BIAS_SCALE_RULES", "CONTROLS", "WIDTH_MODELS", "auto_bias_scale", "control_values", "input_expansion",
-           "replaces_expansion"]
+__all__ = ["BIAS_SCALE_RULES", "CONTROLS", "EXPANSION_CONTROLS", "WIDTH_MODELS", "auto_bias_scale", "control_values",
+           "input_expansion", "replaces_expansion"]
 
 WIDTH_MODELS = ("mlp", "small_cnn")
 """Architectures with a first-layer width the width-matched control can change."""
@@ -122,6 +123,76 @@ def _incompatible(settings: Settings, model: str, input_kind: str) -> str | None
     return None
 
 
+# --- what the report sets beside the expansion's gain ---------------------------------------------
+# Trial parameters come from a sweep's records (a journal, or trials.csv, where numbers may be strings
+# and a knob the sweep did not search is absent): absent knobs stand at their defaults.
+
+
+def _factor(p: Params) -> int:
+    try:
+        return int(p.get("expansion.factor", 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _bias_value(p: Params, knob: str) -> str | float:
+    value = p.get(f"controls.{knob}", 1.0)
+    return value if isinstance(value, str) else float(value)
+
+
+def _no_control(p: Params) -> bool:
+    return (_bias_value(p, "bias_lr_multiplier") == 1.0 and _bias_value(p, "bias_scale") == 1.0
+            and not p.get("controls.width_matched", False))
+
+
+def _bias_control(value: str | float, p: Params) -> bool:
+    """A bias control standing in for the expansion: ``auto`` (which leaves the input unexpanded) for an
+    expanded configuration, or a number on the unexpanded input."""
+    return (value == "auto" and _factor(p) > 1) or (isinstance(value, float) and value != 1.0 and _factor(p) == 1)
+
+
+def _only_bias_control(knob: str, other: str) -> Callable[[Params], bool]:
+    def member(p: Params) -> bool:
+        return (not p.get("controls.width_matched", False) and _bias_value(p, other) == 1.0
+                and _bias_control(_bias_value(p, knob), p))
+
+    return member
+
+
+EXPANSION_CONTROLS = ControlSet(
+    treatment="expansion (constants)",
+    tried=lambda p: _factor(p) > 1,
+    # Constants in the input: the treatment whose gain the controls try to explain.
+    treated=lambda p: _factor(p) > 1 and p.get("expansion.layout", "grid") != "upsample" and _no_control(p),
+    # The unexpanded model with no control switched on.
+    baseline=lambda p: _factor(p) == 1 and _no_control(p),
+    controls=(
+        ReportControl(
+            "upsample", "same-size input without constants (expansion.layout: upsample)", "expansion.layout",
+            "the larger input and the extra compute",
+            lambda p: _factor(p) > 1 and p.get("expansion.layout") == "upsample" and _no_control(p),
+            "add upsample to space.expansion.layout"),
+        ReportControl(
+            "width_matched", "width-matched model without expansion (controls.width_matched)",
+            "controls.width_matched", "the extra parameters of the expanded model",
+            lambda p: _factor(p) > 1 and bool(p.get("controls.width_matched", False)),
+            "search space.controls.width_matched: [false, true]"),
+        ReportControl(
+            "bias_lr", "bias learning-rate control without expansion (controls.bias_lr_multiplier)",
+            "controls.bias_lr_multiplier", "the larger effective bias step that constant inputs give the first layer",
+            _only_bias_control("bias_lr_multiplier", "bias_scale"),
+            "search space.controls.bias_lr_multiplier: [1.0, auto]"),
+        ReportControl(
+            "bias_scale", "bias-scale control without expansion (controls.bias_scale)",
+            "controls.bias_scale", "the larger effective bias step that constant inputs give the first layer",
+            _only_bias_control("bias_scale", "bias_lr_multiplier"),
+            "search space.controls.bias_scale: [1.0, auto]"),
+    ),
+)
+"""The expansion's gain and the baselines that rebuild its confounders without constants in the input:
+the report's "controls beside the expansion" (``CONTROLS.report_controls``)."""
+
+
 CONTROLS = Strategy(
     name="controls",
     doc="confounder controls: a first-layer bias learning-rate multiplier, a first-layer bias scale and a "
@@ -141,4 +212,5 @@ CONTROLS = Strategy(
     ),
     edit_model=_edit_model,
     incompatible=_incompatible,
+    report_controls=EXPANSION_CONTROLS,
 )

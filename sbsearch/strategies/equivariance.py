@@ -2,9 +2,10 @@
 
 Three ways of asking for it, which the paper compares (embedding it in the architecture worked best):
 
-- ``augment``: every training image is transformed by a random group element (labels unchanged);
+- ``augment``: every training image is transformed by a random group element (labels unchanged): a
+  ``symmetry``-stage step of the input pipeline, so it turns the image before the expansion places it;
 - ``penalty``: a loss term ``penalty_weight * mean |f(g.x) - f(x)|^2`` over the logits, for one random
-  non-identity element ``g`` per batch;
+  non-identity element ``g`` per batch, acting on the image before the expansion too;
 - ``layers``: group convolutions (``sbsearch.group_conv``) at the ``stem`` (the first conv only), the
   ``early`` blocks (the first ceil(depth/2); the same as ``stem`` for depth <= 2) or ``all`` conv blocks
   of ``small_cnn``, pooled over the group before the ordinary layers. With ``all``, the head pools
@@ -13,25 +14,83 @@ Three ways of asking for it, which the paper compares (embedding it in the archi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
-from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
+import torch
 
-__all__ = ["EQUIVARIANCE", "EQUIVARIANT_MODELS"]
+from sbsearch.group_conv import act_on_image, act_on_image_batch, get_group
+from sbsearch.strategies.base import (
+    InputTransform,
+    Knob,
+    LossBatch,
+    LossTerm,
+    ModelDesc,
+    ReplicaStart,
+    Settings,
+    Strategy,
+)
+
+__all__ = ["EQUIVARIANCE", "EQUIVARIANT_MODELS", "invariance_penalty"]
 
 EQUIVARIANT_MODELS = ("small_cnn",)
 """Architectures whose builder can place group convolutions."""
 
 
 def _edit_model(desc: ModelDesc, settings: Settings) -> ModelDesc:
-    how, group = str(settings["how"]), str(settings["group"])
-    if how == "augment":
-        return replace(desc, augment_group=group)
-    if how == "penalty":
-        return replace(desc, penalty_group=group, penalty_weight=float(settings["penalty_weight"]))  # type: ignore[arg-type]
-    if how == "layers":
-        return replace(desc, equivariant_layers=str(settings["where"]), equivariant_group=group)
+    if settings["how"] == "layers":
+        return replace(desc, equivariant_layers=str(settings["where"]), equivariant_group=str(settings["group"]))
     return desc
+
+
+def _transform_input(settings: Settings, input_kind: str) -> InputTransform | None:
+    if settings["how"] != "augment":
+        return None
+    group = str(settings["group"])
+
+    def augment(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        assert generator is not None, "augmentation is a symmetry-stage step: the trainer gives it its generator"
+        elements = torch.randint(get_group(group).order, (x.shape[0],), generator=generator)
+        return act_on_image_batch(group, elements, x)  # labels unchanged: the task is invariant
+
+    return InputTransform("symmetry", augment)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def invariance_penalty(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out: torch.Tensor,
+                       group: str, element: int,
+                       pipeline: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum over replicas of ``mean |f(P(g.x)) - f(P(x))|^2`` for one group element ``g``.
+
+    ``x`` is the batch before the input pipeline ``P`` (expansion, normalisation; the identity when
+    ``None``), so ``g`` turns the image and never the expanded canvas; ``out`` is ``net(P(x))``
+    (R, B, out), already computed for the task loss.
+    """
+    prepare = pipeline or _identity
+    diff = net(prepare(act_on_image(group, element, x))) - out  # (R, B, out)
+    return diff.pow(2).flatten(1).mean(dim=1).sum()
+
+
+def _loss_term(settings: Settings) -> LossTerm | None:
+    weight = float(settings["penalty_weight"])  # type: ignore[arg-type]
+    if settings["how"] != "penalty" or weight <= 0:
+        return None
+    group = str(settings["group"])
+
+    def penalty(batch: LossBatch) -> torch.Tensor:
+        assert batch.inputs is not None, "the spec refuses the penalty under full-batch L-BFGS"
+        inputs = batch.inputs
+        # A random non-identity element per batch: over many batches the penalty covers the group.
+        element = 1 + int(torch.randint(get_group(group).order - 1, (1,), generator=inputs.generator))
+        return weight * invariance_penalty(inputs.net, inputs.x, inputs.out, group, element, inputs.pipeline)
+
+    def start(_: ReplicaStart) -> Callable[[LossBatch], torch.Tensor]:
+        return penalty
+
+    return LossTerm(start, sees_inputs=True)
 
 
 def _incompatible(settings: Settings, model: str, input_kind: str) -> str | None:
@@ -58,6 +117,8 @@ EQUIVARIANCE = Strategy(
              "the first half (early) or all", choices=("stem", "early", "all")),
         Knob("penalty_weight", "float", 1.0, "with how: penalty, the weight of the invariance loss term", low=0.0),
     ),
+    transform_input=_transform_input,
     edit_model=_edit_model,
+    loss_term=_loss_term,
     incompatible=_incompatible,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sbsearch.strategies.base import Knob, ModelDesc, Settings, Strategy
+from sbsearch.strategies.base import InputTransform, Knob, ModelDesc, Settings, Strategy
 
 __all__ = ["EXPANSION", "expand", "expand_image", "expand_vector"]
 
@@ -109,6 +109,18 @@ def expand(x: torch.Tensor, settings: Settings) -> torch.Tensor:
     return expand_vector(x, factor, fill, layout, offset)
 
 
+def _transform_input(settings: Settings, input_kind: str) -> InputTransform | None:
+    """The expansion's step: in raw input units for images with ``fill_space: raw`` (the constant is then
+    normalised with the original pixels' statistics, as a data pipeline that expands before ``Normalize``
+    does), on normalised inputs otherwise. Vector features have per-feature statistics that the added
+    constants do not share, so vectors are always normalised first (the spec refuses ``fill_space: raw``
+    for normalised vector data)."""
+    if int(settings["factor"]) == 1:  # type: ignore[call-overload]
+        return None
+    raw = settings["fill_space"] == "raw" and input_kind == "image"
+    return InputTransform("raw" if raw else "normalized", lambda x, _: expand(x, settings))
+
+
 def _edit_model(desc: ModelDesc, settings: Settings) -> ModelDesc:
     factor = int(settings["factor"])  # type: ignore[call-overload]
     if desc.is_image:
@@ -165,6 +177,7 @@ EXPANSION = Strategy(
         Knob("stem", "choice", "none", "how the first layer meets the larger input: unchanged, "
              "strided by K, or a (2K+1) kernel", choices=("none", "stride", "kernel")),
     ),
+    transform_input=_transform_input,
     edit_model=_edit_model,
     incompatible=_incompatible,
 )
