@@ -31,18 +31,34 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sbsearch.errors import spec_field as _f  # short: every field of DataSpec is declared with it
 from sbsearch.strategies import InputTransform, Settings, input_transforms
 
-__all__ = ["DATASETS", "FUNCTIONS", "DataOptions", "DatasetInfo", "Split", "input_pipeline", "load_dataset", "prepare",
-           "prepare_inputs"]
+__all__ = ["DATASETS", "FUNCTIONS", "OBJECTIVES", "DataSpec", "DatasetInfo", "Split", "input_pipeline", "load_dataset",
+           "prepare", "prepare_inputs", "task_objective"]
 
 Task = Literal["classification", "regression"]
+Direction = Literal["maximize", "minimize"]
+
+OBJECTIVES: dict[Task, tuple[str, Direction]] = {
+    "classification": ("accuracy", "maximize"),
+    "regression": ("mse", "minimize"),
+}
+"""Each task's headline metric and which way is better. A trial reports it on validation as ``val_<metric>``
+(``task_objective``: what a sweep optimises) and on the held-out test split as ``test_<metric>``."""
+
+
+def task_objective(task: Task) -> tuple[str, Direction]:
+    """The metric a sweep optimises on ``task`` (``val_accuracy``: the headline metric on validation) and its
+    direction; ``DatasetInfo.objective`` and the trainer's reports both name it so."""
+    metric, direction = OBJECTIVES[task]
+    return f"val_{metric}", direction
 
 
 @dataclass(frozen=True)
@@ -78,43 +94,57 @@ class Split:
 
     @property
     def metric(self) -> str:
-        """The task's headline metric, logged as ``val_<metric>``."""
-        return "accuracy" if self.task == "classification" else "mse"
-
-    @property
-    def direction(self) -> Literal["maximize", "minimize"]:
-        return "maximize" if self.task == "classification" else "minimize"
+        """The task's headline metric (``OBJECTIVES``), logged as ``val_<metric>`` and ``test_<metric>``."""
+        return OBJECTIVES[self.task][0]
 
 
 @dataclass(frozen=True)
-class DataOptions:
-    """How to load a data set, beyond the split (the ``data`` section of the spec, resolved).
+class DataSpec:
+    """The spec's ``data`` section, validated: what to train on and how to load and split it.
 
-    Each data set reads only the options that concern it: ``root``/``download`` the torchvision sets
-    and ``imagefolder``; ``image_size`` every image set; ``domain``/``sampling``/``points`` the
-    function sets; ``fake_samples``/``fake_classes`` ``fakedata``.
+    The loaders take it as it is; each data set reads only the options that concern it: ``root``/``download``
+    the torchvision sets and ``imagefolder``; ``image_size`` every image set; ``domain``/``sampling``/``points``
+    the function sets; ``fake_samples``/``fake_classes`` ``fakedata``. (``batch_size`` is the trainer's, and
+    ``normalize`` the input pipeline's.) Declared here, where the loaders can import it; ``sbsearch.spec``
+    validates it by the rules on its fields, and checks there the rules that span fields or need the files.
     """
 
-    root: str | None = None
-    download: bool = False
-    image_size: int | None = None
-    domain: tuple[float, float] = (-1.0, 1.0)
-    sampling: str = "grid"  # "grid" | "random"
-    points: int = 100
-    fake_samples: int = 512
-    fake_classes: int = 10
-    test_fraction: float = 0.2  # share of the data held out as the test split (sets without an official one)
+    dataset: str = _f("digits", "registered data set", choices=lambda: DATASETS)
+    val_fraction: float = _f(0.25, "share of the data held out for validation (stratified, fixed by seed); the "
+                                   "sweep chooses on it", ("must be in (0, 1)", lambda x: 0 < x < 1))
+    test_fraction: float = _f(0.2, "share of the data held out as the test split (stratified, fixed by seed, disjoint "
+                                   "from train and validation), which only measures the configurations chosen on "
+                                   "validation; torchvision sets use their official test split and fn_* sets a dense "
+                                   "grid of their own (0 = no test split)",
+                              ("must be in [0, 1)", lambda x: 0 <= x < 1))
+    batch_size: int = _f(64, "training batch size", ("must be >= 1", lambda x: x >= 1))
+    normalize: bool = _f(True, "standardise inputs with the training set's per-channel mean and std")
+    root: Union[str, None] = _f(None, "folder with the data set's files (cifar10, cifar100, fgvc_aircraft, dtd, "
+                                      "imagefolder); resolved to an absolute path")
+    download: bool = _f(False, "fetch a torchvision data set into data.root when its files are not there")
+    image_size: Union[int, None] = _f(None, "resize images to this side length (null = the data set's own size; "
+                                            "64 for fgvc_aircraft, dtd and imagefolder, 32 for fakedata)",
+                                      ("must be >= 4", lambda x: x >= 4))
+    domain: tuple[float, float] = _f((-1.0, 1.0), "input interval [low, high] of the fn_* function data sets "
+                                                  "(pi, 2pi, pi/2 allowed)",
+                                     ("must have low < high", lambda x: x[0] < x[1]))
+    sampling: str = _f("grid", "training points of the fn_* data sets: evenly spaced (grid) or uniformly random",
+                       choices=lambda: ("grid", "random"))
+    points: int = _f(100, "training points of the fn_* data sets (they validate on 1000 points across the domain)",
+                     ("must be >= 2", lambda x: x >= 2))
+    fake_samples: int = _f(512, "images of the fakedata set", ("must be >= 2", lambda x: x >= 2))
+    fake_classes: int = _f(10, "classes of the fakedata set", ("must be >= 2", lambda x: x >= 2))
 
 
-Loader = Callable[[float, int, DataOptions], Split]
-Availability = Callable[[DataOptions], "str | None"]
+Loader = Callable[[float, int, DataSpec], Split]
+Availability = Callable[[DataSpec], "str | None"]
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """A registered data set: how to load it, and what is known before loading it.
 
-    ``needs_root`` data sets read their files from ``DataOptions.root``; ``missing(options)`` says,
+    ``needs_root`` data sets read their files from ``DataSpec.root``; ``missing(options)`` says,
     without loading anything, which files are absent (``None`` when the data set can load).
     """
 
@@ -128,7 +158,7 @@ class DatasetInfo:
     channels: int = 3
     own_test_split: bool = False  # an official test split (or a grid of its own), not ``test_fraction`` of the data
 
-    def image_shape(self, options: DataOptions) -> tuple[int, int, int] | None:
+    def image_shape(self, options: DataSpec) -> tuple[int, int, int] | None:
         """(channels, height, width) of one input image, known without loading (``None`` for vectors)."""
         if self.input_kind != "image":
             return None
@@ -136,11 +166,9 @@ class DatasetInfo:
         return (self.channels, side, side)
 
     @property
-    def objective(self) -> tuple[str, Literal["maximize", "minimize"]]:
-        """The metric a sweep optimises (``val_accuracy``) and its direction."""
-        if self.task == "classification":
-            return "val_accuracy", "maximize"
-        return "val_mse", "minimize"
+    def objective(self) -> tuple[str, Direction]:
+        """The metric a sweep optimises on this data set (``val_accuracy``) and its direction."""
+        return task_objective(self.task)
 
 
 # --- classification sets ---------------------------------------------------------------------
@@ -206,7 +234,7 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
-def _load_digits(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+def _load_digits(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -216,7 +244,7 @@ def _load_digits(val_fraction: float, seed: int, options: DataOptions = DataOpti
 
 
 def _tabular(name: str) -> Loader:
-    def load(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    def load(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
         import sklearn.datasets
 
         bunch = getattr(sklearn.datasets, f"load_{name}")()
@@ -268,7 +296,7 @@ points halfway between them (a grid of its own: no test point is a validation or
 def _function(name: str) -> Loader:
     f = FUNCTIONS[name][0]
 
-    def load(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    def load(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
         # val_fraction is not used: the fit is judged on a dense grid over the domain, so the metric
         # measures the whole curve, between training points too.
         low, high = options.domain
@@ -316,7 +344,7 @@ _TORCHVISION_FILES = {
 
 
 def _torchvision_missing(name: str) -> Availability:
-    def missing(options: DataOptions) -> str | None:
+    def missing(options: DataSpec) -> str | None:
         if options.root is None:
             return "needs data.root"
         folder = Path(options.root) / _TORCHVISION_FILES[name]
@@ -351,7 +379,7 @@ def _images_to_tensor(dataset: Any, size: int) -> tuple[torch.Tensor, np.ndarray
 
 
 def _load_cifar(name: str) -> Loader:
-    def load(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+    def load(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
         from torchvision import datasets
 
         assert options.root is not None, "checked by the spec"
@@ -371,7 +399,7 @@ def _load_cifar(name: str) -> Loader:
     return load
 
 
-def _load_fgvc_aircraft(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+def _load_fgvc_aircraft(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     from torchvision import datasets
 
     assert options.root is not None, "checked by the spec"
@@ -384,7 +412,7 @@ def _load_fgvc_aircraft(val_fraction: float, seed: int, options: DataOptions = D
     return _classification_split("fgvc_aircraft", x, y, len(ds.classes), val_fraction, seed, official_test=test)
 
 
-def _load_dtd(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+def _load_dtd(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     from torchvision import datasets
 
     assert options.root is not None, "checked by the spec"
@@ -401,7 +429,7 @@ def _load_dtd(val_fraction: float, seed: int, options: DataOptions = DataOptions
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _imagefolder_missing(options: DataOptions) -> str | None:
+def _imagefolder_missing(options: DataSpec) -> str | None:
     if options.root is None:
         return "needs data.root"
     root = Path(options.root)
@@ -415,7 +443,7 @@ def _imagefolder_missing(options: DataOptions) -> str | None:
     return None
 
 
-def _load_imagefolder(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+def _load_imagefolder(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     from torchvision import datasets
 
     assert options.root is not None, "checked by the spec"
@@ -424,7 +452,7 @@ def _load_imagefolder(val_fraction: float, seed: int, options: DataOptions = Dat
     return _classification_split("imagefolder", x, y, len(ds.classes), val_fraction, seed, options.test_fraction)
 
 
-def _load_fakedata(val_fraction: float, seed: int, options: DataOptions = DataOptions()) -> Split:
+def _load_fakedata(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     from torchvision import datasets, transforms
 
     size = options.image_size or 32
@@ -463,15 +491,18 @@ DATASETS: dict[str, DatasetInfo] = {
 """Registered data sets by name."""
 
 
-def load_dataset(name: str, val_fraction: float, seed: int, options: DataOptions | None = None) -> Split:
+def load_dataset(name: str, val_fraction: float, seed: int, options: DataSpec | None = None) -> Split:
     """Load a registered data set with a train/validation split fixed by ``seed``.
+
+    ``options`` says how to load it (a spec's data section passes itself: ``load_dataset(data.dataset,
+    data.val_fraction, seed, data)``); the data set and validation share are the arguments.
 
     Example:
         >>> split = load_dataset("digits", val_fraction=0.25, seed=0)
         >>> split.x_train.shape[1:]
         torch.Size([1, 8, 8])
     """
-    return DATASETS[name].loader(val_fraction, seed, options or DataOptions())
+    return DATASETS[name].loader(val_fraction, seed, options or DataSpec())
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

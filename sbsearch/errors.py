@@ -1,11 +1,14 @@
-"""The one exception family a user of sbsearch ever needs to catch."""
+"""The one exception family a user of sbsearch ever needs to catch, and the rules a user's spec values
+must meet (``spec_field``), declared next to the fields of the spec's sections."""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import field
+from typing import Any
 
-__all__ = ["SbsearchError", "SpecError", "TrialDiverged", "Problem", "did_you_mean", "excerpt"]
+__all__ = ["SbsearchError", "SpecError", "TrialDiverged", "Problem", "did_you_mean", "excerpt", "spec_field"]
 
 # An error line echoes at most this much of a value the user wrote (a key path, a hint: a little less),
 # so that a 10 MB string or an expanded YAML alias bomb still gives one short line.
@@ -120,6 +123,23 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     if close:
         return f"did you mean {close[0]!r}?"
     return "allowed: " + ", ".join(options)
+
+
+Rule = Callable[[Any], bool]
+
+
+def spec_field(default: Any, doc: str, rule: tuple[str, Rule] | None = None,
+               choices: Callable[[], Any] | None = None) -> Any:
+    """A field of a spec section with what validation, the resolved spec and the README's reference read.
+
+    Args:
+        default: the value when the spec leaves the key out.
+        doc: what the key means (the README's reference).
+        rule: (the rule in words, a check of a value of the right type): a value that fails the check is
+            the problem ``key.path: <words>, but got value``.
+        choices: the registered names the value must be one of (read when checked, so a registry may grow).
+    """
+    return field(default=default, metadata={"doc": doc, "rule": rule, "choices": choices})
 
 
 class TrialDiverged(SbsearchError):

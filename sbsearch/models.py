@@ -369,7 +369,7 @@ def build_model(desc: ModelDesc, seed: int) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS[desc.arch](desc)
+        model = MODELS[desc.name](desc)
         if desc.first_bias == "zero":
             bias = getattr(first_layer(model), "bias", None)
             if isinstance(bias, nn.Parameter):  # torchvision stems have no bias: nothing to zero
@@ -423,7 +423,7 @@ def count_parameters(model: nn.Module) -> int:
 def _shape_only(desc: ModelDesc) -> nn.Module:
     """The architecture on the meta device: shapes and parameter counts without memory or init cost."""
     with torch.device("meta"):
-        return MODELS[desc.arch](desc)
+        return MODELS[desc.name](desc)
 
 
 def input_problem(desc: ModelDesc) -> str | None:

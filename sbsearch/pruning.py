@@ -61,13 +61,6 @@ class PeerTrial:
         return value if value is not None and math.isfinite(value) else None
 
 
-def _as_peer(peer: PeerTrial | float, epoch: int, metric: str) -> PeerTrial:
-    # A bare number is the objective at ``epoch`` of a completed peer (the interface before PeerTrial).
-    if isinstance(peer, PeerTrial):
-        return peer
-    return PeerTrial(-1, "COMPLETE", {epoch: {metric: float(peer)}})
-
-
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
@@ -88,20 +81,19 @@ class PruningRule:
     warmup_epochs: int = 2
     min_peers: int = 3
 
-    def decide(self, epoch: int, metrics: Mapping[str, float], peers: Sequence[PeerTrial | float],
+    def decide(self, epoch: int, metrics: Mapping[str, float], peers: Sequence[PeerTrial],
                number: int = -1) -> str | None:
         """Return a reason to stop the trial now, or None.
 
         Args:
             epoch: the epoch just finished, counted from 1.
             metrics: this trial's metrics at ``epoch``.
-            peers: the sweep's other trials (any state, this one excluded). A bare float stands for a
-                completed peer's objective at ``epoch``.
+            peers: the sweep's other trials (any state, this one excluded).
             number: this trial's number (``hyperband`` assigns brackets by it).
         """
         if epoch < max(1, self.warmup_epochs):
             return None
-        return self.judge(epoch, metrics, [_as_peer(p, epoch, self.metric) for p in peers], number)
+        return self.judge(epoch, metrics, peers, number)
 
     def judge(self, epoch: int, metrics: Mapping[str, float], peers: Sequence[PeerTrial], number: int) -> str | None:
         """``decide`` past the warm-up: what each rule implements."""

@@ -1,8 +1,12 @@
 """The spec: a YAML file validated once, at the edge, into frozen typed objects.
 
-Every rule lives next to its field (``_f(default, doc, rule)``) so that validation, the resolved spec
-and the README's reference come from one place. A user's mistake becomes one ``Problem`` line
-(``key.path: rule, but got value``); all of them are collected before anything runs.
+Every rule lives next to its field (``_f(default, doc, rule)``, ``errors.spec_field``) so that validation,
+the resolved spec and the README's reference come from one place. A user's mistake becomes one
+``Problem`` line (``key.path: rule, but got value``); all of them are collected before anything runs.
+
+The validated sections are what the stages consume: the data section is ``data.DataSpec``, declared
+where the loaders read it; the model and train sections become ``ModelDesc`` and ``trainer.TrainPlan``
+by ``stage_config``, which adds only what the spec does not say (the data's input shape, the seed).
 """
 
 from __future__ import annotations
@@ -13,26 +17,21 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from sbsearch.data import DATASETS, DataOptions
+from sbsearch.data import DATASETS, DataSpec
 from sbsearch.errors import Problem, SpecError, did_you_mean
+from sbsearch.errors import spec_field as _f  # short: every field below is declared with it
 from sbsearch.models import INPUT_KINDS, MODELS, TORCHVISION_MODELS, input_problem
 from sbsearch.strategies import STRATEGIES, Knob, ModelDesc, apply_model_edits
 
 __all__ = [
     "Spec", "DataSpec", "ModelSpec", "TrainSpec", "SearchSpec", "TrackingSpec", "RaySpec", "ParamSpec",
     "load_spec", "read_spec_yaml", "parse_spec", "check_sweep", "spec_notes", "spec_to_dict", "spec_reference",
-    "with_overrides", "data_options", "resolve_pi",
+    "with_overrides", "stage_config", "resolve_pi",
 ]
-
-Rule = Callable[[Any], bool]
-
-
-def _f(default: Any, doc: str, rule: tuple[str, Rule] | None = None, choices: Callable[[], Any] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "rule": rule, "choices": choices})
 
 
 def _positive(x: Any) -> bool:
@@ -48,35 +47,6 @@ def _is_regex(x: Any) -> bool:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    dataset: str = _f("digits", "registered data set", choices=lambda: DATASETS)
-    val_fraction: float = _f(0.25, "share of the data held out for validation (stratified, fixed by seed); the "
-                                   "sweep chooses on it", ("must be in (0, 1)", lambda x: 0 < x < 1))
-    test_fraction: float = _f(0.2, "share of the data held out as the test split (stratified, fixed by seed, disjoint "
-                                   "from train and validation), which only measures the configurations chosen on "
-                                   "validation; torchvision sets use their official test split and fn_* sets a dense "
-                                   "grid of their own (0 = no test split)",
-                              ("must be in [0, 1)", lambda x: 0 <= x < 1))
-    batch_size: int = _f(64, "training batch size", ("must be >= 1", lambda x: x >= 1))
-    normalize: bool = _f(True, "standardise inputs with the training set's per-channel mean and std")
-    root: Union[str, None] = _f(None, "folder with the data set's files (cifar10, cifar100, fgvc_aircraft, dtd, "
-                                      "imagefolder); resolved to an absolute path")
-    download: bool = _f(False, "fetch a torchvision data set into data.root when its files are not there")
-    image_size: Union[int, None] = _f(None, "resize images to this side length (null = the data set's own size; "
-                                            "64 for fgvc_aircraft, dtd and imagefolder, 32 for fakedata)",
-                                      ("must be >= 4", lambda x: x >= 4))
-    domain: tuple[float, float] = _f((-1.0, 1.0), "input interval [low, high] of the fn_* function data sets "
-                                                  "(pi, 2pi, pi/2 allowed)",
-                                     ("must have low < high", lambda x: x[0] < x[1]))
-    sampling: str = _f("grid", "training points of the fn_* data sets: evenly spaced (grid) or uniformly random",
-                       choices=lambda: ("grid", "random"))
-    points: int = _f(100, "training points of the fn_* data sets (they validate on 1000 points across the domain)",
-                     ("must be >= 2", lambda x: x >= 2))
-    fake_samples: int = _f(512, "images of the fakedata set", ("must be >= 2", lambda x: x >= 2))
-    fake_classes: int = _f(10, "classes of the fakedata set", ("must be >= 2", lambda x: x >= 2))
 
 
 @dataclass(frozen=True)
@@ -332,8 +302,8 @@ def resolve_pi(value: Any) -> Any:
     The follow-up study of vector expansion found c = pi the best constant, so pi is a preset that
     specs can write by name instead of as 3.14159...
     """
-    if not isinstance(value, str):
-        return value
+    if not isinstance(value, str) or len(value) > 64:  # a pi expression is short; a long string would cost
+        return value                                    # the pattern quadratic time (a 1 MB value: minutes)
     m = _PI_MULTIPLE.match(value)
     if m is None:
         return value
@@ -551,7 +521,7 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
                     break
     _model_checks(spec, by_name, problems)
     _input_checks(spec, by_name, input_kind, problems)
-    shape = DATASETS[spec.data.dataset].image_shape(data_options(spec.data))
+    shape = DATASETS[spec.data.dataset].image_shape(spec.data)
     if not problems and shape is not None and spec.model.name in TORCHVISION_MODELS:  # needs a buildable model
         _input_size_checks(spec, shape, bases, by_name, problems)
     if spec.search.pruner in RAY_SCHEDULERS and spec.search.backend != "ray":
@@ -629,7 +599,7 @@ def spec_notes(spec: Spec) -> list[str]:
     from sbsearch.strategies.expansion import why_not_rotation_symmetric
 
     by_name = {p.name: p for p in spec.space}
-    shape = DATASETS[spec.data.dataset].image_shape(data_options(spec.data))
+    shape = DATASETS[spec.data.dataset].image_shape(spec.data)
     if shape is None or "layers" not in by_name["equivariance.how"].extremes or \
             "all" not in by_name["equivariance.where"].extremes:
         return []
@@ -654,8 +624,7 @@ def _input_size_checks(spec: Spec, shape: tuple[int, int, int], base: Mapping[st
     factors = sorted({int(f) for f in by_name["expansion.factor"].extremes})
 
     def problem(side: int, factor: int, stem: str) -> str | None:
-        plain = ModelDesc(spec.model.name, (shape[0], side, side), 2, width=spec.model.width, depth=spec.model.depth,
-                          cifar_stem=spec.model.cifar_stem)
+        plain = stage_config(spec.model, ModelDesc, input_shape=(shape[0], side, side), num_outputs=2)
         settings = {name: dict(values) for name, values in base.items()}
         settings["expansion"].update(factor=factor, stem=stem)
         return input_problem(apply_model_edits(plain, settings))
@@ -698,16 +667,28 @@ def _data_checks(data: DataSpec, problems: list[Problem]) -> None:
         problems.append(Problem("data.root", f"must be an existing folder for data set {data.dataset!r} "
                                 "(or set data.download: true)", data.root))
         return
-    why = info.missing(data_options(data)) if info.missing is not None else None
+    why = info.missing(data) if info.missing is not None else None
     if why is not None:
         problems.append(Problem("data.root", f"must hold data set {data.dataset!r} ({why})", data.root))
 
 
-def data_options(data: DataSpec) -> DataOptions:
-    """The loader options of a data section."""
-    return DataOptions(root=data.root, download=data.download, image_size=data.image_size, domain=data.domain,
-                       sampling=data.sampling, points=data.points, fake_samples=data.fake_samples,
-                       fake_classes=data.fake_classes, test_fraction=data.test_fraction)
+Stage = TypeVar("Stage")
+
+
+def stage_config(section: Any, stage: Callable[..., Stage], **extra: Any) -> Stage:
+    """What a stage consumes, built from a validated spec section: every field of the section under its own
+    name, and ``extra``: what the stage needs that the section does not say (the data's input shape, the
+    seed), or a value the stage needs resolved (``train.device: auto``).
+
+    Every field of the section must be a field of ``stage`` (``TypeError`` otherwise), so no key a user
+    set is lost on the way.
+
+    Example:
+        >>> desc = stage_config(spec.model, ModelDesc, input_shape=(1, 8, 8), num_outputs=10)
+        >>> desc.name, desc.width
+        ('small_cnn', 16)
+    """
+    return stage(**{**{f.name: getattr(section, f.name) for f in fields(section)}, **extra})
 
 
 def parse_spec(raw: Any) -> Spec:

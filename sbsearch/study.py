@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
@@ -295,6 +296,9 @@ class Store:
         self.folder = f"{socket.gethostname()}@{out_dir}" if out_dir is not None else ""
         self.lock = _claim_lock(url, study._storage, study.study_name)
         self._study_id = study._study_id
+        # The progress display's view of each finished trial: it never changes, and building its label
+        # (config_from_params) for every trial twice a second cost the controller O(n) per poll.
+        self._finished_views: dict[int, TrialView] = {}
 
     # -- opening
 
@@ -401,6 +405,10 @@ class Store:
         """The counted trials as the progress display shows them."""
         views = []
         for t in self.counted():
+            known = self._finished_views.get(t.number)
+            if known is not None:
+                views.append(known)
+                continue
             record = t.user_attrs.get(_RECORD)
             value = t.value if t.state == OptunaState.COMPLETE else (
                 t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
@@ -408,6 +416,8 @@ class Store:
             label = (config_from_params(spec, {**{p.name: None for p in spec.space}, **t.params}).label()
                      if t.params else "")
             views.append(TrialView(t.number, _STATES.get(t.state, str(t.state)), value, epoch, label))
+            if t.state.is_finished():
+                self._finished_views[t.number] = views[-1]
         return views
 
     def learning_curves(self) -> dict[int, dict[int, float]]:
@@ -490,7 +500,10 @@ class Store:
     def _interrupt(self, frozen: FrozenTrial, why: str, searched: set[str], requeue: bool) -> bool:
         if frozen.user_attrs.get(_INTERRUPTED):
             return False  # another process took it over already
-        self.storage.set_trial_user_attr(frozen._trial_id, _INTERRUPTED, why)
+        try:
+            self.storage.set_trial_user_attr(frozen._trial_id, _INTERRUPTED, why)
+        except UpdateFinishedTrialError:  # it finished meanwhile (its owner records outside the claim lock)
+            return False
         with contextlib.suppress(Exception):  # already finished by a racing writer
             self.tell(frozen.number, state=OptunaState.FAIL)
         if requeue and frozen.params and searched <= frozen.params.keys():
@@ -546,6 +559,19 @@ class Store:
         return [t for t in self.running() if t.user_attrs.get(_OWNER, "") == owner
                 and (pids is None or t.user_attrs.get(_PID) in pids)]
 
+    def adopt_earlier_runs(self) -> list[int]:
+        """Make this owner the owner of the running trials an earlier run of the sweep in this folder left
+        (or that have no owner): a backend that carries them on itself (Ray restores its experiment) keeps
+        them from being taken over by other processes, and can tell them from those of live processes."""
+        with self.lock.held():
+            adopted = []
+            for t in self.running():
+                owner = t.user_attrs.get(_OWNER, "")
+                if owner != self.owner and (not owner or (self.folder and t.user_attrs.get(_FOLDER) == self.folder)):
+                    self.storage.set_trial_user_attr(t._trial_id, _OWNER, self.owner)
+                    adopted.append(t.number)
+            return adopted
+
     def orphaned(self, stale_after: float, earlier_runs: bool = True) -> list[FrozenTrial]:
         """Running trials whose owner is gone (call it under the claim lock: a trial is claimed, and gets
         its owner, under it): an owner silent for more than ``stale_after`` seconds (the
@@ -599,3 +625,41 @@ def free_slot(held: Mapping[int, FrozenTrial]) -> int:
 def requeued(t: FrozenTrial | optuna.Trial) -> bool:
     """Whether ``t`` re-runs an interrupted trial (and so has its values already)."""
     return _REQUEUED_FROM in t.user_attrs
+
+
+class SlotIndex:
+    """``slots(trials)``, the number of counted trials and the first free slot, kept from one claim to
+    the next by one worker: the trials at the front of the list that have finished keep their slot and
+    state, so each look reads only the trials after them. Walking all n trials several times per claim
+    made a sweep O(n²) (about 45 ms per claim at 10,000 trials). Optuna refuses any change to a finished
+    trial (``UpdateFinishedTrialError``), so what the index holds stays true.
+    """
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        self.settled = 0  # trials[:settled] have finished and are indexed
+        self._counted = 0
+        self._held: dict[int, FrozenTrial] = {}
+        self.prefix = 0  # slots 0..prefix-1 are held by indexed (finished) trials
+
+    def look(self, trials: list[FrozenTrial]) -> tuple[dict[int, FrozenTrial], int, int]:
+        """(``slots(trials)``, how many of ``trials`` count, ``free_slot`` of them)."""
+        n = self.settled
+        while n < len(trials) and trials[n].state.is_finished():
+            if not trials[n].user_attrs.get(_INTERRUPTED):
+                self._held[slot_of(trials[n])] = trials[n]
+                self._counted += 1
+            n += 1
+        self.settled = n
+        while self.prefix in self._held:
+            self.prefix += 1
+        tail = trials[n:]
+        held = {**self._held, **slots(tail)}  # later trials hold a slot over earlier ones, as in ``slots``
+        counted = self._counted + len(self.counted_tail(tail))
+        return held, counted, next(s for s in range(self.prefix, len(held) + 1) if s not in held)
+
+    @staticmethod
+    def counted_tail(tail: list[FrozenTrial]) -> list[FrozenTrial]:
+        return [t for t in tail if not t.user_attrs.get(_INTERRUPTED) and t.state != OptunaState.WAITING]

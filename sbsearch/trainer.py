@@ -16,12 +16,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from sbsearch.data import Split
+from sbsearch.data import Split, task_objective
 from sbsearch.errors import TrialDiverged
 from sbsearch.metrics import per_replica_metric, task_loss
 from sbsearch.models import FROZEN_MASK, FROZEN_VALUE, build_model, count_parameters, first_layer_bias_name
 from sbsearch.replicas import ReplicaStack
 from sbsearch.score import default_score_layers, drift_score, replica_score
+from sbsearch.spec import TrainSpec
 from sbsearch.strategies import (
     BatchInputs,
     InputTransform,
@@ -40,20 +41,18 @@ Report = Callable[[int, dict[str, float]], bool]
 
 
 @dataclass(frozen=True)
-class TrainPlan:
-    """How to train one trial (the ``train`` and ``data`` sections of the spec, resolved)."""
+class TrainPlan(TrainSpec):
+    """How to train one trial: the spec's ``train`` section (``trial.train_plan``), and what the trainer needs
+    beyond it. ``device`` is resolved (``auto`` becomes ``cpu`` or ``cuda``); ``threads`` is the sweep's to set.
 
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    A plan built by hand (tests, benchmarks) trains one replica on the CPU unless it says otherwise.
+    """
+
     replicas: int = 1
-    seed: int = 0
     device: str = "cpu"
+    batch_size: int = 64  # the spec's data.batch_size
+    seed: int = 0  # the spec's seed
     score: bool = True  # log sb_score / sb_drift after every epoch
-    score_layers: str | None = None  # regex over weight names; None = every conv, linear and group-conv weight
     max_steps: int | None = None  # stop after this many optimiser steps, mid-epoch if need be (sbsearch rank)
     test: bool = True  # measure the test split once, after the last epoch of a trial that ran every epoch
 
@@ -207,7 +206,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     assert not (lbfgs and symmetry), "the spec refuses random input transforms under full-batch L-BFGS"
     if pipeline is not None and lbfgs:  # full-batch steps have no per-batch transform to come first
         x_train, pipeline = pipeline(x_train), None
-    n, metric = x_train.shape[0], f"val_{split.metric}"
+    n, metric = x_train.shape[0], task_objective(split.task)[0]
     score_layers = _score_layers(models[0], plan.score_layers)
     initial = net.replica_weights(score_layers) if plan.score and score_layers else []
     order = torch.Generator().manual_seed(plan.seed)

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from sbsearch.data import DataOptions, Split, load_dataset, prepare, prepare_inputs
+from sbsearch.data import DataSpec, Split, load_dataset, prepare, prepare_inputs
 from sbsearch.errors import TrialDiverged
 from sbsearch.models import describe_model
 from sbsearch.space import TrialConfig
-from sbsearch.spec import Spec, data_options
+from sbsearch.spec import Spec, stage_config
 from sbsearch.strategies import ModelDesc, control_values, defers_training_inputs, input_transforms
 from sbsearch.tracking import Tracker, TrackingTarget
 from sbsearch.trainer import TrainPlan, resolve_device, train
@@ -104,8 +104,8 @@ ShouldPrune = Callable[[int, Mapping[str, float]], "str | None"]
 
 
 @functools.lru_cache(maxsize=4)
-def _base_split(dataset: str, val_fraction: float, seed: int, options: DataOptions) -> Split:
-    return load_dataset(dataset, val_fraction, seed, options)
+def _base_split(data: DataSpec, seed: int) -> Split:
+    return load_dataset(data.dataset, data.val_fraction, seed, data)
 
 
 # The sweeps this process has set itself up for (see ``_set_up_process``).
@@ -117,8 +117,7 @@ def _set_up_process(ctx: SweepContext) -> float:
     (0 once done): the modules PyTorch and the trainer import on first use, the training device, the
     data set (cached by ``_base_split``) and the MLflow store."""
     spec = ctx.spec
-    split_args = (spec.data.dataset, spec.data.val_fraction, spec.seed, data_options(spec.data))
-    key = (*split_args, spec.train.device, ctx.tracking)
+    key = (spec.data, spec.seed, spec.train.device, ctx.tracking)
     if key in _SET_UP:
         return 0.0
     start = time.perf_counter()
@@ -131,7 +130,7 @@ def _set_up_process(ctx: SweepContext) -> float:
     with contextlib.suppress(Exception):
         torch.zeros(1, device=resolve_device(spec.train.device))  # a CUDA context takes seconds
     with contextlib.suppress(Exception):
-        _base_split(*split_args)
+        _base_split(spec.data, spec.seed)
     if ctx.tracking is not None:
         with contextlib.suppress(Exception):
             Tracker(ctx.tracking)  # imports MLflow and opens the store, which later clients reuse
@@ -150,10 +149,8 @@ def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
     ``train(split, desc, plan, strategies=config.all_settings())``, which runs the strategies'
     training-time hooks (augmentation, loss terms)."""
     settings = config.all_settings()
-    base = _base_split(spec.data.dataset, spec.data.val_fraction, spec.seed, data_options(spec.data))
-    plain = ModelDesc(spec.model.name, tuple(base.x_train.shape[1:]), base.num_outputs,
-                      width=spec.model.width, depth=spec.model.depth, first_bias=spec.model.first_bias,
-                      cifar_stem=spec.model.cifar_stem)
+    base = _base_split(spec.data, spec.seed)
+    plain = stage_config(spec.model, ModelDesc, input_shape=tuple(base.x_train.shape[1:]), num_outputs=base.num_outputs)
     desc = describe_model(plain, settings, _expansion_constants(base, settings["expansion"], spec.data.normalize),
                           optimizer=spec.train.optimizer)
     # Symmetry transforms of the data act on the image, before the expansion: the trainer gets the
@@ -175,10 +172,9 @@ def _expansion_constants(base: Split, expansion: dict[str, object], normalize: b
 
 
 def train_plan(spec: Spec) -> TrainPlan:
-    t = spec.train
-    return TrainPlan(epochs=t.epochs, batch_size=spec.data.batch_size, optimizer=t.optimizer, lr=t.lr,
-                     momentum=t.momentum, weight_decay=t.weight_decay, replicas=t.replicas, seed=spec.seed,
-                     device=str(resolve_device(t.device)), score_layers=t.score_layers)
+    """The spec's ``train`` section as the trainer takes it, with the batch size, the seed and the device."""
+    return stage_config(spec.train, TrainPlan, batch_size=spec.data.batch_size, seed=spec.seed,
+                        device=str(resolve_device(spec.train.device)))
 
 
 def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune: ShouldPrune,
@@ -243,6 +239,12 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     return record
 
 
+@functools.lru_cache(maxsize=4)
+def _tracker(target: TrackingTarget) -> Tracker:
+    """One tracker per store and process: a new one looked the experiment up again for every trial."""
+    return Tracker(target)
+
+
 class _TrialLog:
     """The trial's MLflow child run; a failing store turns logging off instead of failing the trial."""
 
@@ -257,7 +259,7 @@ class _TrialLog:
 
     def _start(self, ctx: SweepContext, config: TrialConfig) -> None:
         assert ctx.tracking is not None and ctx.parent_run_id is not None
-        tracker = Tracker(ctx.tracking)
+        tracker = _tracker(ctx.tracking)
         self.record.run_id = tracker.start_trial(ctx.parent_run_id, self.record.number, config.params,
                                                  trial_run_name(self.record.number, config))
         self.tracker = tracker

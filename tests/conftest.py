@@ -85,7 +85,7 @@ def shape_only(desc: ModelDesc) -> nn.Module:
     from sbsearch.models import MODELS
 
     with torch.device("meta"):
-        return MODELS[desc.arch](desc)
+        return MODELS[desc.name](desc)
 
 
 def connecting_weights(model: nn.Module) -> list[str]:

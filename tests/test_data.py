@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sbsearch.cli import main
-from sbsearch.data import DATASETS, FUNCTIONS, DataOptions, load_dataset, prepare
+from sbsearch.data import DATASETS, FUNCTIONS, DataSpec, load_dataset, prepare
 from sbsearch.errors import SpecError
 from sbsearch.spec import parse_spec
 from sbsearch.strategies import STRATEGIES
@@ -28,7 +28,7 @@ DOCUMENTED = {
     "fakedata": ((3, 32, 32), "classification", 10),
 }
 NEEDS_ROOT = ("cifar10", "cifar100", "fgvc_aircraft", "dtd", "imagefolder")
-SMALL = DataOptions(fake_samples=40)  # FakeData makes PIL images one by one: keep it small
+SMALL = DataSpec(fake_samples=40)  # FakeData makes PIL images one by one: keep it small
 
 
 def test_every_registered_data_set_is_documented_here() -> None:
@@ -84,7 +84,7 @@ def test_the_test_split_is_disjoint_from_train_and_validation(name: str) -> None
             for part, xs in (("train", split.x_train), ("val", split.x_val), ("test", split.x_test))}
     assert rows["test"] and not rows["test"] & rows["train"] and not rows["test"] & rows["val"]
     assert not rows["val"] & rows["train"]
-    none = load_dataset(name, 0.25, 0, DataOptions(fake_samples=40, test_fraction=0.0))
+    none = load_dataset(name, 0.25, 0, DataSpec(fake_samples=40, test_fraction=0.0))
     assert none.x_test is None and none.x_val.shape[0] == split.x_val.shape[0]  # validation unchanged by the test split
 
 
@@ -106,8 +106,8 @@ def test_tabular_features_are_standardised_per_feature() -> None:
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_function_sets_keep_their_domain_and_curve(name: str) -> None:
-    wide = load_dataset(name, 0.25, 0, DataOptions(domain=(0.0, 2 * math.pi), points=50))
-    narrow = load_dataset(name, 0.25, 0, DataOptions(domain=(-1.0, 1.0), points=50))
+    wide = load_dataset(name, 0.25, 0, DataSpec(domain=(0.0, 2 * math.pi), points=50))
+    narrow = load_dataset(name, 0.25, 0, DataSpec(domain=(-1.0, 1.0), points=50))
     assert wide.x_train.shape == (50, 1)
     assert float(wide.x_train.min()) == pytest.approx(0.0) and float(wide.x_train.max()) == pytest.approx(2 * math.pi)
     assert float(narrow.x_val.min()) == pytest.approx(-1.0) and float(narrow.x_val.max()) == pytest.approx(1.0)
@@ -120,11 +120,11 @@ def test_function_sets_keep_their_domain_and_curve(name: str) -> None:
 
 
 def test_function_grid_and_random_sampling() -> None:
-    grid = load_dataset("fn_smooth", 0.25, 0, DataOptions(points=11))
+    grid = load_dataset("fn_smooth", 0.25, 0, DataSpec(points=11))
     assert torch.allclose(grid.x_train[:, 0], torch.linspace(-1, 1, 11), atol=1e-6)
-    random_a = load_dataset("fn_smooth", 0.25, 0, DataOptions(sampling="random", points=30))
-    random_b = load_dataset("fn_smooth", 0.25, 0, DataOptions(sampling="random", points=30))
-    random_c = load_dataset("fn_smooth", 0.25, 1, DataOptions(sampling="random", points=30))
+    random_a = load_dataset("fn_smooth", 0.25, 0, DataSpec(sampling="random", points=30))
+    random_b = load_dataset("fn_smooth", 0.25, 0, DataSpec(sampling="random", points=30))
+    random_c = load_dataset("fn_smooth", 0.25, 1, DataSpec(sampling="random", points=30))
     assert torch.equal(random_a.x_train, random_b.x_train) and not torch.equal(random_a.x_train, random_c.x_train)
     assert bool(torch.all(random_a.x_train.diff(dim=0) >= 0)) and float(random_a.x_train.abs().max()) <= 1.0
 
@@ -140,9 +140,9 @@ def test_function_kinds_are_what_their_names_say() -> None:
 
 
 def test_images_resize_to_the_asked_size() -> None:
-    split = load_dataset("digits", 0.25, 0, DataOptions(image_size=16))
+    split = load_dataset("digits", 0.25, 0, DataSpec(image_size=16))
     assert split.x_train.shape[1:] == (1, 16, 16) and 0 <= float(split.x_train.min()) <= float(split.x_train.max()) <= 1
-    fake = load_dataset("fakedata", 0.25, 0, DataOptions(image_size=12, fake_samples=20, fake_classes=3))
+    fake = load_dataset("fakedata", 0.25, 0, DataSpec(image_size=12, fake_samples=20, fake_classes=3))
     assert fake.x_train.shape[1:] == (3, 12, 12) and fake.num_outputs == 3
 
 
@@ -160,13 +160,13 @@ def _write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: 
 
 def test_imagefolder_loads_from_root(tmp_path: Path) -> None:
     _write_image_folder(tmp_path / "images")
-    split = load_dataset("imagefolder", 0.5, 0, DataOptions(root=str(tmp_path / "images"), image_size=8,
+    split = load_dataset("imagefolder", 0.5, 0, DataSpec(root=str(tmp_path / "images"), image_size=8,
                                                             test_fraction=0.0))
     assert split.x_train.shape == (6, 3, 8, 8) and split.x_val.shape == (6, 3, 8, 8) and split.num_outputs == 2
-    assert DATASETS["imagefolder"].missing(DataOptions(root=str(tmp_path / "images"))) is None  # type: ignore[misc]
-    assert "no images" in str(DATASETS["imagefolder"].missing(DataOptions(root=str(tmp_path))))  # type: ignore[misc]
+    assert DATASETS["imagefolder"].missing(DataSpec(root=str(tmp_path / "images"))) is None  # type: ignore[misc]
+    assert "no images" in str(DATASETS["imagefolder"].missing(DataSpec(root=str(tmp_path))))  # type: ignore[misc]
     (tmp_path / "empty").mkdir()
-    assert "no class sub-folders" in str(DATASETS["imagefolder"].missing(DataOptions(root=str(tmp_path / "empty"))))  # type: ignore[misc]
+    assert "no class sub-folders" in str(DATASETS["imagefolder"].missing(DataSpec(root=str(tmp_path / "empty"))))  # type: ignore[misc]
 
 
 def test_dtd_loads_train_and_val_from_a_local_copy(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_dtd_loads_train_and_val_from_a_local_copy(tmp_path: Path) -> None:
     (data / "labels" / "train1.txt").write_text("class0/0.png\nclass0/1.png\nclass1/0.png\nclass1/1.png\n")
     (data / "labels" / "val1.txt").write_text("class0/2.png\nclass0/3.png\nclass1/2.png\nclass1/3.png\n")
     (data / "labels" / "test1.txt").write_text("class0/4.png\nclass0/5.png\nclass1/4.png\nclass1/5.png\nclass1/3.png\n")
-    split = load_dataset("dtd", 0.5, 0, DataOptions(root=str(tmp_path), image_size=8))
+    split = load_dataset("dtd", 0.5, 0, DataSpec(root=str(tmp_path), image_size=8))
     assert split.x_train.shape == (4, 3, 8, 8) and split.num_outputs == 2
     # The official test split, not a share of train and val: its own five images.
     assert split.x_test is not None and split.y_test is not None and split.x_test.shape == (5, 3, 8, 8)

@@ -232,7 +232,7 @@ def test_every_accepted_all_layers_configuration_is_invariant_to_turning_the_ori
     # Validation accepts every one of these; where the expansion cannot commute with the group it says
     # so (a note). Where it says nothing, turning the *original* digit must leave the logits unchanged.
     from sbsearch.data import input_pipeline
-    from sbsearch.spec import data_options, spec_notes
+    from sbsearch.spec import spec_notes
 
     spec = _spec(expansion={"factor": factor, "fill": 0.5, "layout": layout, "offset": offset, "stem": stem},
                  equivariance={"how": "layers", "where": "all", "group": group}, norm={"kind": norm})
@@ -240,7 +240,7 @@ def test_every_accepted_all_layers_configuration_is_invariant_to_turning_the_ori
     from sbsearch.space import config_from_params
     from sbsearch.trial import _base_split
 
-    base = _base_split("digits", 0.25, 0, data_options(spec.data))
+    base = _base_split(spec.data, 0)
     pipeline = input_pipeline(base, input_transforms(config_from_params(spec, {}).all_settings(), "image"))
     x = base.x_val[:6]  # (6, 1, 8, 8) raw digits
     model = build_model(desc, seed=0).eval()

@@ -59,10 +59,11 @@ def test_median_rule_compares_with_completed_peers_only() -> None:
     assert rule.decide(2, {ACC: 0.75}, peers) is None
     assert rule.decide(1, {ACC: 0.1}, peers) is None  # warm-up
     assert rule.decide(2, {ACC: 0.1}, peers[:2]) is None  # too few peers
-    # Running and pruned peers do not count for the median, and bare floats are completed peers.
+    # Running and pruned peers do not count for the median.
     assert rule.decide(2, {ACC: 0.65}, [running(9, {2: (0.0, 0.0)}, s) for s in ("RUNNING", "PRUNED")] * 3) is None
-    assert rule.decide(2, {ACC: 0.65}, [0.6, 0.7, 0.8]) is not None
-    assert MedianRule("val_mse", "minimize", 1).decide(1, {"val_mse": 0.5}, [0.1, 0.2, 0.3]) is not None
+    mse = [PeerTrial(i, "COMPLETE", {1: {"val_mse": v}}, v) for i, v in enumerate([0.1, 0.2, 0.3])]
+    assert MedianRule("val_mse", "minimize", 1).decide(1, {"val_mse": 0.5}, mse) is not None
+    assert MedianRule("val_mse", "minimize", 1).decide(1, {"val_mse": 0.15}, mse) is None
 
 
 def test_successive_halving_keeps_the_top_third_at_rungs_only() -> None:

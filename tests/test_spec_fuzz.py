@@ -133,6 +133,8 @@ def _with_yaml_at(path: tuple[str, ...], yaml_text: str) -> str:
 @example(path=("name",), size=1_100_000, char="a", as_key=False)  # over the size limit
 @example(path=("data", "root"), size=900_000, char="~", as_key=True)  # a key of 900 000 characters
 @example(path=("name",), size=900_000, char="é", as_key=False)  # under the limit in characters, over it in bytes
+@example(path=("space", "expansion", "fill"), size=900_000, char="7", as_key=False)  # once minutes in the pi pattern
+@example(path=("space", "expansion", "fill"), size=900_000, char=" ", as_key=False)
 def test_huge_values_and_keys_give_a_spec_or_short_lines(path: tuple[str, ...], size: int, char: str,
                                                          as_key: bool) -> None:
     raw = copy.deepcopy(tiny_spec_dict())

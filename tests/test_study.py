@@ -82,6 +82,35 @@ def test_a_storage_of_unknown_kind_or_out_of_reach_is_one_line_and_exit_2(tmp_pa
 # --- one sweep, several processes -----------------------------------------------------------------------
 
 
+def test_the_slot_index_agrees_with_a_full_look_as_trials_finish_are_interrupted_and_requeued(tmp_path: Path) -> None:
+    from sbsearch.study import SlotIndex, free_slot, slots
+
+    store = Store.open(parse_spec(tiny_spec_dict()), tmp_path, "maximize", owner="me")
+    index = SlotIndex()
+
+    def agree() -> None:
+        trials = store.trials()
+        held, counted, free = index.look(trials)
+        assert (held, counted, free) == (slots(trials), len(store.counted(trials)), free_slot(held))
+
+    for n in range(6):
+        trial = store.study.ask()
+        store.claim(trial, n, os.getpid())
+        trial.suggest_float("x", 0, 1)
+        agree()
+        if n != 3:  # trial 3 keeps running
+            store.tell(trial, 0.5)
+        agree()
+    store.mark_interrupted(3, "test", {"x"})  # its copy waits in slot 3
+    agree()
+    store.study.sampler = optuna.samplers.RandomSampler(seed=0)
+    copy = store.study.ask()
+    store.tell(copy, 0.7)
+    agree()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):  # what the index relies on
+        store.mark_interrupted(5, "a late take-over of a finished trial", {"x"})
+
+
 def test_a_process_with_another_spec_cannot_join_the_sweep(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'trials.db'}"
     raw = tiny_spec_dict(search__storage=url)
@@ -112,6 +141,20 @@ def test_running_trials_of_a_silent_process_are_orphaned_and_of_a_live_one_are_n
     dead.study.set_user_attr("sbsearch.alive.dead", time.time())
     assert [t.user_attrs["sbsearch.owner"] for t in again.orphaned(stale_after=60)] == ["dead"]
     assert again.orphaned(stale_after=60, earlier_runs=False) == []
+
+
+def test_a_restored_driver_adopts_its_folders_running_trials_and_no_one_elses(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'trials.db'}"
+    spec = parse_spec(tiny_spec_dict(search__storage=url))
+    killed, other = (Store.open(spec, tmp_path / name, "maximize", owner=name) for name in ("killed", "other"))
+    for store in (killed, other):
+        store.claim(store.study.ask(), 0, os.getpid())
+    restored = Store.open(spec, tmp_path / "killed", "maximize", owner="restored")
+    assert restored.adopt_earlier_runs() == [0]
+    assert [t.number for t in restored.running_of("restored")] == [0]
+    assert [t.number for t in restored.running_of("other")] == [1]
+    other.heartbeat()
+    assert restored.orphaned(stale_after=60, earlier_runs=True) == []  # its own now; the other's owner is alive
 
 
 def _write_spec(folder: Path, raw: dict[str, Any]) -> Path:

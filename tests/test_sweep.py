@@ -216,6 +216,33 @@ def test_replay_shows_finished_slots_with_values_and_later_ones_running_without(
     assert replay.trials[1].intermediate_values == {1: 0.2}
 
 
+def test_a_workers_kept_replay_study_samples_what_a_fresh_one_does() -> None:
+    from sbsearch.backends.optuna import OptunaSuggest, _Chosen, _ScheduleCache, _turn_has_come, sample_on_replay
+    from sbsearch.space import sample_config
+    from sbsearch.study import as_peer
+
+    spec = parse_spec(tiny_spec_dict(search__trials=12, search__sampler="tpe", space__dropout__rate={"low": 0.0, "high": 0.5}))
+    names, lag = {p.name for p in spec.searched}, 2
+    study = optuna.create_study(direction="maximize")
+    cache = _ScheduleCache("maximize", "val_accuracy")
+    running: list[Any] = []
+    for slot in range(12):
+        frozen = dict(enumerate(study.trials))
+        while not _turn_has_come(frozen, slot, lag, names):  # the oldest running trial finishes
+            trial = running.pop(0)
+            trial.report(0.5, 1)
+            study.tell(trial, float(trial.params["dropout.rate"]))
+            frozen = dict(enumerate(study.trials))
+        values = cache.sample(spec, frozen, slot, lag)
+        assert values == sample_on_replay(spec, "maximize", frozen, slot, lag)
+        assert cache.peers_of(frozen, slot, lag) == [as_peer(frozen[n], "val_accuracy", n) for n in range(slot - lag + 1)]
+        study.sampler = _Chosen(values)
+        trial = study.ask()
+        sample_config(spec, OptunaSuggest(trial))
+        running.append(trial)
+    assert len(cache.study.trials) == 11 - lag + 1  # slots 0..9, finished: the running ones were dropped again
+
+
 def test_fixed_schedule_waits_for_earlier_slots_and_their_values() -> None:
     from sbsearch.backends.optuna import _turn_has_come
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from sbsearch.data import DataOptions, Split, load_dataset, prepare
+from sbsearch.data import DataSpec, Split, load_dataset, prepare
 from sbsearch.group_conv import GroupConv2d, LiftingConv2d
 from sbsearch.models import FROZEN_MASK, FROZEN_VALUE, build_model
 from sbsearch.rank import sample_configs
@@ -63,7 +63,7 @@ def test_frozen_entries_never_change_during_training(digits: Any, replicas: int,
 
 
 def test_lbfgs_never_moves_frozen_entries() -> None:
-    base = load_dataset("fn_smooth", 0.25, 0, DataOptions(points=40))
+    base = load_dataset("fn_smooth", 0.25, 0, DataSpec(points=40))
     desc = ModelDesc("mlp", (1,), 1, width=16, depth=2, frozen_fraction=0.3)
     result = train(prepare(base, _expansion()), desc,
                    TrainPlan(epochs=2, optimizer="lbfgs", lr=1.0, replicas=2, weight_decay=1e-3))
@@ -99,7 +99,7 @@ def test_bias_multiplier_scales_only_the_first_bias_step(digits: Any, arch: str)
 
 
 def _fit(epochs: int, replicas: int = 1, factor: int = 1, norm: str = "none") -> tuple[list[float], float]:
-    base = load_dataset("fn_smooth", 0.25, 0, DataOptions(domain=(0.0, TWO_PI), points=40))
+    base = load_dataset("fn_smooth", 0.25, 0, DataSpec(domain=(0.0, TWO_PI), points=40))
     split = prepare(base, _expansion(factor=factor, fill=math.pi, layout="border"))
     desc = ModelDesc("mlp", (factor,), 1, width=16, depth=2, norm=norm, first_bias="zero")
     history: list[float] = []
@@ -124,7 +124,7 @@ def test_lbfgs_with_expanded_input_and_batch_norm_fits() -> None:
 def test_lbfgs_replicas_train_independently() -> None:
     """Replica 0 of a two-replica run is exactly the one-replica run: no shared line search."""
     alone, _ = _fit(epochs=2)
-    base = load_dataset("fn_smooth", 0.25, 0, DataOptions(domain=(0.0, TWO_PI), points=40))
+    base = load_dataset("fn_smooth", 0.25, 0, DataSpec(domain=(0.0, TWO_PI), points=40))
     split = prepare(base, _expansion())
     desc = ModelDesc("mlp", (1,), 1, width=16, depth=2, first_bias="zero")
     result = train(split, desc, TrainPlan(epochs=2, optimizer="lbfgs", lr=1.0, replicas=2))

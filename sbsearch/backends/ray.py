@@ -436,6 +436,9 @@ class RayBackend(Backend):
         # Each trial gets the CPUs Ray reserved for it as torch threads.
         ctx = replace(ctx, threads=spec.train.threads or max(1, int(spec.ray.cpus_per_trial)))
         study = optuna_backend.open_store(ctx)
+        # Trials an earlier, killed driver of this folder left running: Ray restores and re-runs them here,
+        # or (asked for after its last save) they are forgotten at the end; either way they are this run's.
+        study.adopt_earlier_runs()
         started = _connect(spec)
         board_name = f"sbsearch-board-{uuid.uuid4().hex[:12]}"
         budget = trial_budget(spec)

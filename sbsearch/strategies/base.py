@@ -133,10 +133,12 @@ def _num(x: float) -> str:
 class ModelDesc:
     """A plain, buildable description of a network; strategies edit it, ``models`` builds it.
 
-    ``input_shape`` is ``(C, H, W)`` for images and ``(F,)`` for vectors.
+    ``input_shape`` is ``(C, H, W)`` for images and ``(F,)`` for vectors. ``name`` (the registered
+    architecture), ``width``, ``depth``, ``first_bias`` and ``cifar_stem`` are the spec's ``model`` section,
+    which ``spec.stage_config`` copies in under the same names.
     """
 
-    arch: str
+    name: str  # the registered architecture (``models.MODELS``)
     input_shape: tuple[int, ...]
     num_outputs: int
     width: int = 16
