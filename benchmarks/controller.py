@@ -346,14 +346,18 @@ def main() -> None:
         work = Path(args.out).resolve() if args.out else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for label in chosen:
-            print(f"{label}: {args.trials} trials ...", flush=True)
+            print(f"{label}: {args.ray_trials if label == 'ray' and args.ray_trials else args.trials} trials ...", flush=True)
             if label == "postgresql":
                 with postgres(Path(tmp) / "postgres") as url:
                     rows.append(measure(label, work, args, token, storage=url))
             else:
                 rows.append(measure(label, work, args, token))
             r = rows[-1]
-            print(f"{label}: {r.command_s:.0f} s, controller {r.controller_ms(0, len(r.trials)):.1f} ms per trial",
+            k, b = len(r.trials), r.block
+            # Each sweep's figures as soon as it ends: a long run stopped later keeps them.
+            print(f"{label}: {r.command_s:.0f} s, controller {r.controller_ms(0, k):.1f} ms per trial (first {b} "
+                  f"{r.controller_ms(0, b):.1f}, last {b} {r.controller_ms(k - b, k):.1f}), driver RSS growth "
+                  f"{r.rss(1)[0]:.1f} MB ({r.rss(1)[1]:.1f} kB/trial), CPU {1000 * r.cpu_s / k:.1f} ms per trial",
                   flush=True)
     report(rows, args)
 

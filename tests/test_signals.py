@@ -25,12 +25,14 @@ from sbsearch.spec import parse_spec
 from tests.conftest import tiny_spec_dict
 from tests.test_sweep import check_records_agree
 
-# Three-epoch trials of a few seconds each: a signal finds a trial running.
+# Once a worker is warm a 3-epoch trial of this size takes 0.4 s, too short for the poller below to see it
+# running on a fast machine; 40 epochs (about 5 s warm) leave it a wide window on any machine.
 _TRIALS = 3
+_EPOCHS = 40
 
 
 def _spec(tmp_path: Path, parallel: int) -> tuple[dict[str, Any], Path]:
-    raw = tiny_spec_dict(search__trials=_TRIALS, search__parallel=parallel, train__epochs=3)
+    raw = tiny_spec_dict(search__trials=_TRIALS, search__parallel=parallel, train__epochs=_EPOCHS)
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return raw, path
