@@ -43,20 +43,19 @@ import glob
 import os
 import resource
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.pg import NotInstalled, postgres
 
 STORAGES = ("journal", "postgresql", "ray")
 TARGETS = {"controller_ms": 20.0, "growth_ms": 0.0, "rss_mb": 100.0}
@@ -73,53 +72,6 @@ def _spec(trials: int, parallel: int, backend: str) -> dict[str, Any]:
         "search": {"backend": backend, "sampler": "random", "trials": trials, "parallel": parallel, "pruner": "none"},
         "ray": {"cpus_per_trial": 1},
     }
-
-
-# --- PostgreSQL, started here --------------------------------------------------------------------------
-
-
-def _pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def postgres(root: Path) -> Iterator[str]:
-    """A PostgreSQL server of its own on 127.0.0.1 with a database ``controller``; yields its URL."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        raise SystemExit("postgresql: PostgreSQL is not installed (Debian's postgresql package)")
-    root.mkdir(parents=True)
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as Debian's postgres user
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-        root.chmod(0o755)
-        for parent in root.parents:
-            if parent == Path("/"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o011)
-    port = _free_port()
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "sbsearch", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True)
-    try:
-        import psycopg
-
-        with psycopg.connect(host="127.0.0.1", port=port, user="sbsearch", dbname="postgres", autocommit=True) as conn:
-            conn.execute('CREATE DATABASE "controller"')
-        yield f"postgresql+psycopg://sbsearch@127.0.0.1:{port}/controller"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
 
 
 # --- resident memory, polled from /proc ----------------------------------------------------------------
@@ -348,8 +300,11 @@ def main() -> None:
         for label in chosen:
             print(f"{label}: {args.ray_trials if label == 'ray' and args.ray_trials else args.trials} trials ...", flush=True)
             if label == "postgresql":
-                with postgres(Path(tmp) / "postgres") as url:
-                    rows.append(measure(label, work, args, token, storage=url))
+                try:
+                    with postgres(Path(tmp) / "postgres") as new_database:
+                        rows.append(measure(label, work, args, token, storage=new_database("controller")))
+                except NotInstalled as e:
+                    raise SystemExit(f"postgresql: {e}") from None
             else:
                 rows.append(measure(label, work, args, token))
             r = rows[-1]

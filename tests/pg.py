@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+class NotInstalled(RuntimeError):
+    """Debian's PostgreSQL binaries are not on this machine."""
+
+
+@contextmanager
+def postgres(root: Path) -> Iterator[Callable[[str], str]]:
+    """A PostgreSQL server of its own on 127.0.0.1 with its data under ``root`` (a new folder); yields a
+    function that creates a fresh, empty database and returns its URL. Used by the tests and by
+    benchmarks/controller.py."""
     initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
     if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql package)")
-    root = tmp_path_factory.mktemp("postgres")
+        raise NotInstalled("PostgreSQL is not installed (make test installs Debian's postgresql package)")
+    root.mkdir(parents=True, exist_ok=True)
     data = root / "data"
     # PostgreSQL refuses to run as root: as root, run it as Debian's postgres user.
     as_user: list[str] = []
@@ -63,4 +71,13 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
     try:
         yield new_database
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+    try:
+        with postgres(tmp_path_factory.mktemp("postgres")) as new_database:
+            yield new_database
+    except NotInstalled as e:
+        pytest.skip(str(e))

@@ -171,7 +171,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_a_killed_worker_process_fails_its_trial_and_the_sweep_completes(tmp_path: Path) -> None:
-    raw = tiny_spec_dict(search__trials=5, search__parallel=2, train__epochs=6)
+    raw = tiny_spec_dict(search__trials=5, search__parallel=2, train__epochs=12)
     spec, out = tmp_path / "s.yaml", tmp_path / "out"
     spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
     proc = subprocess.Popen(_sweep_cmd(spec, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -207,8 +207,8 @@ def test_processes_on_postgresql_share_one_sweep_and_a_killed_one_is_taken_over(
     """Two ``sbsearch run`` processes (each with its own folder, working directory and, with Ray, its own
     local Ray) share a PostgreSQL storage; one is killed with SIGKILL mid-trial, a third joins later."""
     storage, tracking = postgres_server(f"trials_{backend}"), postgres_server(f"mlflow_{backend}")
-    trials = 8
-    raw = tiny_spec_dict(search__trials=trials, search__stale_after=5, train__epochs=3, search__sampler="tpe",
+    trials, epochs = 8, 12  # a warm 3-epoch trial lasts 0.4 s, a narrow window to catch one mid-trial
+    raw = tiny_spec_dict(search__trials=trials, search__stale_after=5, train__epochs=epochs, search__sampler="tpe",
                          search__backend=backend)
     folders = [tmp_path / name for name in ("a", "b", "c")]
     specs = [_write_spec(f, raw) for f in folders]
@@ -227,7 +227,7 @@ def test_processes_on_postgresql_share_one_sweep_and_a_killed_one_is_taken_over(
     killed: list[int] = []
 
     def first_is_mid_trial() -> bool:  # after one trial of the sweep finished, so the sampler has seen one
-        killed[:] = [t.number for t in of_first() if t.intermediate_values and len(t.intermediate_values) < 3]
+        killed[:] = [t.number for t in of_first() if t.intermediate_values and len(t.intermediate_values) < epochs]
         return bool(killed) and any(t.state.is_finished() for t in store.counted())
 
     _wait_for(first_is_mid_trial, [first, second])
