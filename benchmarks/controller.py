@@ -7,9 +7,12 @@ it (``sbsearch run``) on each chosen storage, one after another:
     journal     the Optuna backend on the default journal file (OUT/optuna.journal);
     postgresql  the Optuna backend on a PostgreSQL server that this script starts (Debian's binaries,
                 127.0.0.1, a free port, a throw-away data folder, trust authentication), like tests/pg.py;
-    ray         the Ray backend (local Ray, token authentication on) on the journal file.
-MLflow stays on SQLite under each sweep's own --out in every case, so the rows differ in the trial store
-(and backend) only.
+    ray         the Ray backend (local Ray, token authentication on) on the journal file;
+    journal-no-mlflow   the journal row again with MLflow turned off (``run_sweep(track=False)``, which
+                the CLI does not offer): the controller's own floor, and by difference what MLflow's
+                per-trial writes cost.
+MLflow stays on SQLite under each sweep's own --out in every other case, so those rows differ in the
+trial store (and backend) only.
 
 What is measured, from the sweep's store (each trial's ``datetime_start`` / ``datetime_complete``) and
 its trials.csv (each trial's own ``seconds`` and its worker's one-time ``startup_seconds``):
@@ -57,7 +60,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.pg import NotInstalled, postgres
 
-STORAGES = ("journal", "postgresql", "ray")
+STORAGES = ("journal", "postgresql", "ray", "journal-no-mlflow")
 TARGETS = {"controller_ms": 20.0, "growth_ms": 0.0, "rss_mb": 100.0}
 
 
@@ -218,6 +221,11 @@ def measure(label: str, work: Path, args: argparse.Namespace, token: str, storag
     path = out / "spec.in.yaml"
     path.write_text(yaml.safe_dump(_spec(trials, args.parallel, backend)), encoding="utf-8")
     command = [sys.executable, "-m", "sbsearch.cli", "run", str(path), "--out", str(out)]
+    if label == "journal-no-mlflow":
+        command = [sys.executable, "-c", "import sys, yaml; from pathlib import Path; from sbsearch.spec import parse_spec; "
+                   "from sbsearch.sweep import run_sweep; "
+                   "run_sweep(parse_spec(yaml.safe_load(open(sys.argv[1]))), Path(sys.argv[2]), track=False)",
+                   str(path), str(out)]
     if storage is not None:
         command += ["--storage", storage]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -280,7 +288,7 @@ def report(rows: list[Figures], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10_000)
-    parser.add_argument("--storages", default=",".join(STORAGES), help="comma-separated: journal, postgresql, ray")
+    parser.add_argument("--storages", default=",".join(STORAGES), help="comma-separated, among: " + ", ".join(STORAGES))
     parser.add_argument("--parallel", type=int, default=2, help="search.parallel (Ray: trials at once)")
     parser.add_argument("--ray-trials", type=int, help="trials of the ray sweep (default --trials)")
     parser.add_argument("--block", type=int, default=1000, help="trials in the first and last block")

@@ -344,9 +344,9 @@ def relog_sweep(out_dir: Path, tracking_uri: str | None = None) -> tuple[int, in
 
             config = config_from_params(spec, {**{p.name: None for p in spec.space}, **r.params})
             run_id = tracker.start_trial(parent, r.number, config.params, trial_run_name(r.number, config))
-            for epoch, metrics in enumerate(r.history, start=1):
-                tracker.log_epoch(run_id, epoch, metrics)
-            tracker.end_trial(run_id, r.state, final_metrics(r), {"sbsearch.reason": r.reason} if r.reason else {})
+            now = int(time.time() * 1000)
+            tracker.end_trial(run_id, r.state, final_metrics(r), {"sbsearch.reason": r.reason} if r.reason else {},
+                              epochs=[(epoch, now, metrics) for epoch, metrics in enumerate(r.history, start=1)])
             written += 1
         metric, direction = DATASETS[spec.data.dataset].objective
         result = SweepResult(spec, out, records, metric, direction, uri, parent, 0.0)

@@ -7,19 +7,22 @@ The only module that imports MLflow. Every write goes through ``MlflowClient`` w
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sbsearch.errors import Problem, SbsearchError, SpecError
 
-__all__ = ["TrackingTarget", "Tracker", "default_tracking_uri", "TRIAL_STATES"]
+__all__ = ["EpochMetrics", "TrackingTarget", "Tracker", "default_tracking_uri", "trial_params", "TRIAL_STATES", "use_write_ahead_log"]
 
 TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL")
 T = TypeVar("T")
+EpochMetrics = tuple[int, int, Mapping[str, float]]  # (epoch, time in ms since the epoch of Unix, metrics)
 
 # MLflow keeps param values to 6000 characters; ours are short, but a spec's name can be anything.
 _MAX_PARAM = 500
@@ -38,6 +41,79 @@ class TrackingTarget:
     uri: str
     experiment: str
     artifact_root: str  # absolute file URI for new experiments
+
+
+# File systems on which SQLite's write-ahead log is safe: its index lives in shared memory that every
+# process must map, which network file systems (NFS, SMB, Lustre, FUSE mounts) do not provide.
+_LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "overlay", "apfs"})
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` tracking URI, or None for any other store (and in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _file_system(path: Path) -> str:
+    """The type of the file system holding ``path`` (from /proc/mounts; "" where it cannot be told)."""
+    try:
+        mounts = Path("/proc/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return ""
+    target, best, kind = str(path.resolve()), -1, ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > best:
+            best, kind = len(point), parts[2]
+    return kind
+
+
+def use_write_ahead_log(uri: str) -> bool:
+    """Put a local SQLite tracking store in write-ahead-log mode; True when it is (or was already) in it.
+
+    In its default mode SQLite makes every writer wait for every reader and syncs the disk on each
+    commit; with ``parallel`` workers logging at once that was most of a short trial's cost. The mode
+    is kept in the file, so every process that opens the store afterwards (workers, ``mlflow ui``) uses
+    it. Only on a local file system: on a network one the file keeps its mode and SQLite's own locking.
+    """
+    path = sqlite_path(uri)
+    if path is None or _file_system(path.parent if not path.exists() else path) not in _LOCAL_FILE_SYSTEMS:
+        return False
+    import sqlite3
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, timeout=20)) as conn:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        return bool(mode) and str(mode[0]).lower() == "wal"
+    except sqlite3.Error:  # held by another process in the middle of a change: it keeps its mode
+        return False
+
+
+def _relax_sync_in_wal(dbapi_connection: Any, _record: Any) -> None:
+    """For each new SQLite connection of a store in write-ahead-log mode: sync at checkpoints, not at
+    each commit. A crash of the process loses nothing; a power cut may lose the last commits, never
+    the file."""
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        mode = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
+        if mode and str(mode[0]).lower() == "wal":
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+@functools.lru_cache(maxsize=1)
+def _listen_for_sqlite_connections() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    event.listen(Engine, "connect", _relax_sync_in_wal)
 
 
 def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
@@ -66,6 +142,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.target = target
+        if sqlite_path(target.uri) is not None:
+            use_write_ahead_log(target.uri)
+            _listen_for_sqlite_connections()
         try:
             self.client = MlflowClient(tracking_uri=target.uri)
         except Exception as exc:  # MLflow refuses a scheme it has no store for, with a long message
@@ -162,10 +241,13 @@ class Tracker:
         return {m.step: m.value for m in _retry(lambda: self.client.get_metric_history(run_id, key))}
 
     # --- one trial's child run --------------------------------------------------------------------
-    def start_trial(self, parent_id: str, number: int, params: Mapping[str, Any], run_name: str) -> str:
+    def start_trial(self, parent_id: str, number: int, params: Mapping[str, Any] | None, run_name: str,
+                    first_attempt: bool = False) -> str:
         """Create the child run of trial ``number``; a run left over from an interrupted attempt of
-        the same trial is reused, so a trial never has two runs."""
-        found = self.runs_of_trial(parent_id, number)
+        the same trial is reused, so a trial never has two runs. ``first_attempt``: the caller knows
+        there was none, and the search for it (a query that grows with the experiment) is skipped.
+        ``params`` None: the caller logs ``trial_params`` later, with its first metrics (one write fewer)."""
+        found = [] if first_attempt else self.runs_of_trial(parent_id, number)
         if found:
             run_id = found[0].info.run_id
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
@@ -175,15 +257,23 @@ class Tracker:
         tags = {MLFLOW_PARENT_RUN_ID: parent_id, "sbsearch.trial_number": str(number), "sbsearch.role": "trial",
                 "sbsearch.state": "RUNNING"}
         run = _retry(lambda: self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags))
-        self._log(run.info.run_id, params={**{k: _param(v) for k, v in params.items()}, "trial.number": str(number)})
+        if params is not None:
+            self._log(run.info.run_id, params=trial_params(number, params))
         return str(run.info.run_id)
 
     def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-        self._log(run_id, metrics=metrics, step=step)
+        self.log_epochs(run_id, [(step, int(time.time() * 1000), metrics)])
 
-    def end_trial(self, run_id: str, state: str, final: Mapping[str, float], tags: Mapping[str, str]) -> None:
+    def log_epochs(self, run_id: str, epochs: Sequence[EpochMetrics], params: Mapping[str, str] | None = None) -> None:
+        """Several epochs' metrics (and the trial's params, when not yet logged) in one write."""
+        self._log(run_id, params=params, epochs=epochs)
+
+    def end_trial(self, run_id: str, state: str, final: Mapping[str, float], tags: Mapping[str, str],
+                  epochs: Sequence[EpochMetrics] = (), params: Mapping[str, str] | None = None) -> None:
+        """The final metrics and state, with any epochs (and params) not written yet, then the run's end."""
         assert state in TRIAL_STATES, state
-        self._log(run_id, metrics={f"final.{k}": v for k, v in final.items()}, tags={"sbsearch.state": state, **tags})
+        self._log(run_id, metrics={f"final.{k}": v for k, v in final.items()}, tags={"sbsearch.state": state, **tags},
+                  params=params, epochs=epochs)
         _retry(lambda: self.client.set_terminated(run_id, status="FAILED" if state == "FAIL" else "FINISHED"))
 
     def log_heldout(self, run_id: str, rank: int, test: Mapping[str, float]) -> None:
@@ -222,16 +312,22 @@ class Tracker:
                 return runs
 
     def _log(self, run_id: str, metrics: Mapping[str, float] | None = None, params: Mapping[str, str] | None = None,
-             tags: Mapping[str, str] | None = None, step: int = 0) -> None:
+             tags: Mapping[str, str] | None = None, step: int = 0, epochs: Sequence[EpochMetrics] = ()) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        m = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        m = [Metric(k, float(v), when, epoch) for epoch, when, values in epochs for k, v in values.items()]
+        m += [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
         p = [Param(k, str(v)[:_MAX_PARAM]) for k, v in (params or {}).items()]
         t = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
         for i in range(0, max(len(m), 1), 900):  # MLflow takes at most 1000 metrics per batch
             _retry(lambda: self.client.log_batch(run_id, metrics=m[i : i + 900], params=p if i == 0 else (),
                                                  tags=t if i == 0 else (), synchronous=True))
+
+
+def trial_params(number: int, params: Mapping[str, Any]) -> dict[str, str]:
+    """A trial's MLflow params: its configuration and its number."""
+    return {**{k: _param(v) for k, v in params.items()}, "trial.number": str(number)}
 
 
 def _first_line(exc: BaseException) -> str:

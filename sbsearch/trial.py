@@ -23,7 +23,7 @@ from sbsearch.models import describe_model
 from sbsearch.space import TrialConfig
 from sbsearch.spec import Spec, stage_config
 from sbsearch.strategies import ModelDesc, control_values, defers_training_inputs, input_transforms
-from sbsearch.tracking import Tracker, TrackingTarget
+from sbsearch.tracking import EpochMetrics, Tracker, TrackingTarget, trial_params
 from sbsearch.trainer import TrainPlan, resolve_device, train
 
 __all__ = ["SweepContext", "TrialRecord", "TrialState", "run_trial", "trial_run_name", "final_metrics", "Interrupted"]
@@ -178,7 +178,7 @@ def train_plan(spec: Spec) -> TrainPlan:
 
 
 def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune: ShouldPrune,
-              stop_requested: Callable[[], bool] = lambda: False) -> TrialRecord:
+              stop_requested: Callable[[], bool] = lambda: False, first_attempt: bool = False) -> TrialRecord:
     """Train one configuration, log it, and return its record. Never raises for a trial's own fault:
     an exception, a diverging loss or running out of memory becomes a FAIL (or PRUNED) record.
 
@@ -188,6 +188,10 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
     The record's ``seconds`` cover the trial's own work; the worker's one-time set-up, done first,
     goes to ``startup_seconds`` (see ``TrialRecord``).
 
+    ``first_attempt``: no process ever started trial ``number`` before (the Optuna backend's trials: an
+    interrupted one comes back under a new number), so its MLflow run is created without first looking
+    for an earlier attempt's run to reuse.
+
     Raises:
         Interrupted: when ``stop_requested()`` turns true between epochs.
     """
@@ -195,7 +199,7 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
         torch.set_num_threads(ctx.threads)
     record = TrialRecord(number, TrialState.COMPLETE, {k: config.params[k] for k in config.searched})
     record.startup_seconds = _set_up_process(ctx)
-    log = _TrialLog(ctx, record, config)
+    log = _TrialLog(ctx, record, config, first_attempt)
     prune_reason: list[str] = []
 
     def report(epoch: int, metrics: dict[str, float]) -> bool:
@@ -246,22 +250,33 @@ def _tracker(target: TrackingTarget) -> Tracker:
 
 
 class _TrialLog:
-    """The trial's MLflow child run; a failing store turns logging off instead of failing the trial."""
+    """The trial's MLflow child run; a failing store turns logging off instead of failing the trial.
 
-    def __init__(self, ctx: SweepContext, record: TrialRecord, config: TrialConfig) -> None:
+    The run is created when the trial starts, named after its configuration. Its params and epoch
+    metrics are written together, at most every ``FLUSH_SECONDS`` and at the end, where they join the
+    final metrics: a trial of a few short epochs costs the store three writes instead of one per epoch
+    plus four, which was most of the sweep's own time per trial in ``benchmarks/controller.py``.
+    """
+
+    FLUSH_SECONDS = 2.0
+
+    def __init__(self, ctx: SweepContext, record: TrialRecord, config: TrialConfig, first_attempt: bool = False) -> None:
         self.record = record
         self.tracker: Tracker | None = None
+        self.pending: list[EpochMetrics] = []
+        self.params: dict[str, str] | None = trial_params(record.number, config.params)  # None once written
+        self.flushed = time.monotonic()
         if ctx.tracking is None:
             record.logged = False
             return
         assert ctx.parent_run_id is not None
-        self._safely(lambda: self._start(ctx, config))
+        self._safely(lambda: self._start(ctx, config, first_attempt))
 
-    def _start(self, ctx: SweepContext, config: TrialConfig) -> None:
+    def _start(self, ctx: SweepContext, config: TrialConfig, first_attempt: bool) -> None:
         assert ctx.tracking is not None and ctx.parent_run_id is not None
         tracker = _tracker(ctx.tracking)
-        self.record.run_id = tracker.start_trial(ctx.parent_run_id, self.record.number, config.params,
-                                                 trial_run_name(self.record.number, config))
+        self.record.run_id = tracker.start_trial(ctx.parent_run_id, self.record.number, None,
+                                                 trial_run_name(self.record.number, config), first_attempt)
         self.tracker = tracker
 
     def _safely(self, write: Callable[[], object]) -> None:
@@ -273,9 +288,13 @@ class _TrialLog:
             self.record.tracking_error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if self.tracker is not None:
-            tracker = self.tracker
-            self._safely(lambda: tracker.log_epoch(self.record.run_id, epoch, metrics))
+        if self.tracker is None:
+            return
+        self.pending.append((epoch, int(time.time() * 1000), dict(metrics)))
+        if time.monotonic() - self.flushed >= self.FLUSH_SECONDS:
+            tracker, pending, params = self.tracker, self.pending, self.params
+            self.pending, self.params, self.flushed = [], None, time.monotonic()
+            self._safely(lambda: tracker.log_epochs(self.record.run_id, pending, params))
 
     def traceback(self, text: str) -> None:
         if self.tracker is not None:
@@ -284,6 +303,8 @@ class _TrialLog:
 
     def end(self) -> None:
         if self.tracker is not None:
-            tracker, r = self.tracker, self.record
+            tracker, r, pending, params = self.tracker, self.record, self.pending, self.params
+            self.pending, self.params = [], None
             self._safely(lambda: tracker.end_trial(r.run_id, r.state, final_metrics(r),
-                                                   {"sbsearch.reason": r.reason} if r.reason else {}))
+                                                   {"sbsearch.reason": r.reason} if r.reason else {},
+                                                   epochs=pending, params=params))

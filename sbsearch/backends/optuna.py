@@ -356,7 +356,7 @@ def _run_claimed(ctx: SweepContext, store: Store, trial: optuna.Trial, slot: int
 
     try:
         record = run_trial(ctx, trial.number, config, should_prune,
-                           stop_requested=(stop.is_set if stop is not None else lambda: False))
+                           stop_requested=(stop.is_set if stop is not None else lambda: False), first_attempt=True)
         try:
             store.finish(trial, record, rule.metric)
         except UpdateFinishedTrialError:
