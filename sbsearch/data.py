@@ -3,6 +3,12 @@
 Every loader returns raw inputs (images in [0, 1], vectors in their own units, function inputs on the
 spec's domain) with a fixed train/validation/test split; ``prepare_inputs`` then runs the trial's input
 pipeline: the strategies' steps (``strategies.InputTransform``) and the normalisation, by stage.
+The data's own augmentation of training images (``augment_crop``, ``augment_flip``: ``augmentation``)
+joins the ``symmetry`` stage, ahead of the strategies' steps, so it acts on the images as loaded.
+
+Folder and torchvision image sets are decoded once into a uint8 cache file (``data.cache``,
+``image_cache_folder``), keyed by the source files' sizes and times; later trials and worker processes
+read that file instead of decoding every image again.
 
 The test split is held out of the search: the trainer measures it once, at the end of a trial that
 ran every epoch, and only the configurations chosen on validation are ever shown with it. Built-in
@@ -26,8 +32,11 @@ Registered data sets (``DATASETS``):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,8 +49,8 @@ import torch.nn.functional as F
 from sbsearch.errors import spec_field as _f  # short: every field of DataSpec is declared with it
 from sbsearch.strategies import InputTransform, Settings, input_transforms
 
-__all__ = ["DATASETS", "FUNCTIONS", "OBJECTIVES", "DataSpec", "DatasetInfo", "Split", "input_pipeline", "load_dataset",
-           "prepare", "prepare_inputs", "task_objective"]
+__all__ = ["DATASETS", "FUNCTIONS", "OBJECTIVES", "DataSpec", "DatasetInfo", "Split", "augmentation", "input_pipeline",
+           "load_dataset", "prepare", "prepare_inputs", "random_crop", "random_flip", "task_objective"]
 
 Task = Literal["classification", "regression"]
 Direction = Literal["maximize", "minimize"]
@@ -72,6 +81,8 @@ class Split:
     ``train_pipeline``, when set, is the input pipeline still owed to the training inputs: ``x_train``
     then holds the raw inputs, so that the trainer can apply the ``symmetry`` stage of the pipeline
     (and the loss terms that read the image) first and the rest (expansion, normalisation) after it.
+    ``augment`` holds the data's own augmentation (``augmentation``): ``symmetry`` steps the trainer runs
+    on every training batch before the strategies' (set only together with ``train_pipeline``).
     Validation and test inputs are always fully prepared.
     """
 
@@ -87,6 +98,7 @@ class Split:
     x_test: torch.Tensor | None = None
     y_test: torch.Tensor | None = None
     train_pipeline: Callable[[torch.Tensor], torch.Tensor] | None = None
+    augment: tuple[InputTransform, ...] = ()
 
     @property
     def input_kind(self) -> str:
@@ -134,6 +146,19 @@ class DataSpec:
                      ("must be >= 2", lambda x: x >= 2))
     fake_samples: int = _f(512, "images of the fakedata set", ("must be >= 2", lambda x: x >= 2))
     fake_classes: int = _f(10, "classes of the fakedata set", ("must be >= 2", lambda x: x >= 2))
+    augment_crop: int = _f(0, "random crop of every training image: pad each side with this many zero pixels, then "
+                              "crop back to the image's size at a random offset per image (the CIFAR recipe uses 4; "
+                              "0 = off); image data sets only, before the expansion, not with train.optimizer lbfgs",
+                           ("must be >= 0", lambda x: x >= 0))
+    augment_flip: bool = _f(False, "flip every training image left-right with probability 0.5; image data sets only, "
+                                   "before the expansion, not with train.optimizer lbfgs")
+    cache: Union[str, None] = _f(None, "folder for the decoded images of folder and torchvision data sets (uint8 "
+                                       "files keyed by data set, part, image size and the source files' sizes and "
+                                       "times), so later trials and workers skip decoding; null = "
+                                       "<data.root>/.sbsearch-cache when writable, else ~/.cache/sbsearch; "
+                                       "'off' = decode every time",
+                                 ("must be 'off' or an absolute folder path (~ allowed)",
+                                  lambda x: x == "off" or Path(x).expanduser().is_absolute()))
 
 
 Loader = Callable[[float, int, DataSpec], Split]
@@ -355,15 +380,21 @@ def _torchvision_missing(name: str) -> Availability:
     return missing
 
 
-def _images_to_tensor(dataset: Any, size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode a torchvision data set of PIL images into (N, 3, size, size) in [0, 1] and its labels."""
+Decoded = tuple[torch.Tensor, np.ndarray, list[str]]
+"""A decoded part of an image data set: (N, C, H, W) uint8 images, their labels and the class names."""
+
+
+def _decode_images(dataset: Any, size: int) -> Decoded:
+    """Decode a torchvision data set of PIL images: (N, 3, size, size) uint8 images (RGB, the shorter side
+    resized to ``size``, then centre-cropped), their labels and the class names. The slow part of loading a
+    folder of JPEGs, which ``_decoded_once`` does once per source."""
     from torchvision import transforms
 
     dataset.transform = transforms.Compose([
         transforms.Lambda(lambda im: im.convert("RGB")),
         transforms.Resize(size),  # the shorter side, keeping the aspect ratio
         transforms.CenterCrop(size),
-        transforms.ToTensor(),
+        transforms.PILToTensor(),
     ])
     import multiprocessing
 
@@ -375,7 +406,130 @@ def _images_to_tensor(dataset: Any, size: int) -> tuple[torch.Tensor, np.ndarray
     for x, y in loader:
         xs.append(x)
         ys.append(y)
-    return torch.cat(xs), torch.cat(ys).numpy()
+    return torch.cat(xs), torch.cat(ys).numpy(), list(dataset.classes)
+
+
+# --- decoded images, cached --------------------------------------------------------------------
+
+IMAGE_CACHE_FORMAT = 1
+"""Part of every cache key: raise it when what a cache file holds, or how images are decoded, changes."""
+
+
+def image_cache_folder(options: DataSpec) -> Path | None:
+    """Where the decoded images of a folder or torchvision data set are kept (``data.cache``); None when off.
+
+    ``data.cache`` null means ``<data.root>/.sbsearch-cache`` when the root is writable (next to the files it
+    was decoded from, shared by every machine that shares them), else ``$XDG_CACHE_HOME/sbsearch``
+    (``~/.cache/sbsearch``).
+    """
+    if options.cache == "off":
+        return None
+    if options.cache is not None:
+        return Path(options.cache).expanduser()
+    if options.root is not None and os.access(options.root, os.W_OK):
+        return Path(options.root) / ".sbsearch-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sbsearch"
+
+
+def _source_fingerprint(folders: Sequence[Path]) -> str | None:
+    """A digest of every file under ``folders``: its path, size and modification time. None when a folder is
+    missing (a download is still to come) or none is given: there is nothing to key a cache file by."""
+    if not folders or not all(folder.is_dir() for folder in folders):
+        return None
+    entries = []
+    try:
+        for folder in folders:
+            for directory, subfolders, files in os.walk(folder, followlinks=True):
+                subfolders.sort()
+                for name in sorted(files):
+                    path = Path(directory, name)
+                    stat = path.stat()
+                    entries.append(f"{path.relative_to(folder.parent)}\0{stat.st_size}\0{stat.st_mtime_ns}")
+    except OSError:  # a file that vanished or a broken link: no key to trust, so no cache this time
+        return None
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _cache_file(folder: Path, options: DataSpec, part: str, size: int, sources: Sequence[Path]) -> Path | None:
+    """The cache file of one part of a data set, decoded at ``size``, from the files under ``sources`` as they
+    are now; None while they are missing. Files of the same data set, part, size and source location share a
+    prefix, so that a new file replaces the stale ones (``_write_cache``)."""
+    fingerprint = _source_fingerprint(sources)
+    if fingerprint is None:
+        return None
+    where = hashlib.sha256("\0".join(str(s.resolve()) for s in sources).encode()).hexdigest()[:8]
+    key = hashlib.sha256(f"{IMAGE_CACHE_FORMAT}\0{options.dataset}\0{part}\0{size}\0{fingerprint}".encode())
+    return folder / f"{options.dataset}-{part}-{size}px-{where}-{key.hexdigest()[:16]}.pt"
+
+
+def _read_cache(path: Path) -> Decoded | None:
+    """The decoded images stored at ``path``, or None when there are none to trust."""
+    try:
+        stored = torch.load(path, weights_only=True)
+        images, labels, classes = stored["images"], stored["labels"], stored["classes"]
+    except FileNotFoundError:
+        return None
+    except Exception:  # truncated or corrupt (torch.load has no one error for it): decoded again and rewritten
+        return None
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
+            and isinstance(labels, torch.Tensor) and labels.shape == images.shape[:1] and isinstance(classes, list)):
+        return None
+    return images, labels.numpy(), [str(c) for c in classes]
+
+
+def _write_cache(path: Path, decoded: Decoded) -> None:
+    """Store ``decoded`` at ``path`` atomically (a temporary file, then ``os.replace``): a process that
+    loads the same data set meanwhile finds the whole file or none. Removes the stale files it replaces.
+    A cache that cannot be written (read-only, full) costs only the decoding next time."""
+    images, labels, classes = decoded
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save({"images": images.contiguous(), "labels": torch.as_tensor(labels, dtype=torch.int64),
+                            "classes": list(classes)}, file)
+            os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep the cache from others who share the data
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        stale_prefix = path.name.rpartition("-")[0] + "-"
+        for stale in path.parent.glob(stale_prefix + "*.pt"):
+            if stale != path:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+    except (OSError, RuntimeError):  # torch.save reports a failed write as either
+        pass
+
+
+def _decoded_once(options: DataSpec, part: str, size: int, sources: Callable[[], Sequence[Path]],
+                  decode: Callable[[], Decoded]) -> tuple[torch.Tensor, np.ndarray, int]:
+    """One part of a folder or torchvision data set: (N, C, H, W) float32 images in [0, 1], labels and the
+    number of classes. Read from the image cache (``image_cache_folder``) when it holds this part decoded
+    from the files under ``sources()`` as they are now; otherwise ``decode()``, stored there for the next
+    trial and the next worker process.
+
+    ``sources`` is asked again after decoding, which may have downloaded the files. The images come out of
+    the same uint8 tensor either way, so a cache hit returns exactly what decoding returned.
+    """
+    folder = image_cache_folder(options)
+    path = None if folder is None else _cache_file(folder, options, part, size, sources())
+    decoded = None if path is None else _read_cache(path)
+    if decoded is None:
+        decoded = decode()
+        path = None if folder is None else _cache_file(folder, options, part, size, sources())
+        if path is not None:
+            _write_cache(path, decoded)
+    images, labels, classes = decoded
+    return images.float() / 255.0, labels, len(classes)
+
+
+def _torchvision_sources(name: str, options: DataSpec) -> Callable[[], Sequence[Path]]:
+    assert options.root is not None, "checked by the spec"
+    folder = Path(options.root) / _TORCHVISION_FILES[name]
+    return lambda: [folder]
 
 
 def _load_cifar(name: str) -> Loader:
@@ -383,17 +537,25 @@ def _load_cifar(name: str) -> Loader:
         from torchvision import datasets
 
         assert options.root is not None, "checked by the spec"
+        root = options.root
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+
+        def decode(train: bool) -> Callable[[], Decoded]:
+            def read() -> Decoded:
+                ds = cls(root, train=train, download=options.download)  # checks every file's MD5 first
+                return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), np.asarray(ds.targets), ds.classes
+
+            return read
+
+        # Cached at the data set's own 32x32 and resized after: a resized image is no longer uint8.
+        sources = _torchvision_sources(name, options)
         # Validation is held out of the official training set; the official test set is the test split.
-        ds = cls(options.root, train=True, download=options.download)
-        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 255.0  # (50000, 3, 32, 32)
-        y = np.asarray(ds.targets)
+        x, y, classes = _decoded_once(options, "train", 32, sources, decode(True))  # (50000, 3, 32, 32)
         test = None
         if options.test_fraction > 0:
-            official = cls(options.root, train=False, download=options.download)
-            x_test = torch.from_numpy(official.data).permute(0, 3, 1, 2).float() / 255.0  # (10000, 3, 32, 32)
-            test = (_resize(x_test, options.image_size), np.asarray(official.targets))
-        return _classification_split(name, _resize(x, options.image_size), y, len(ds.classes), val_fraction, seed,
+            x_test, y_test, _ = _decoded_once(options, "test", 32, sources, decode(False))  # (10000, 3, 32, 32)
+            test = (_resize(x_test, options.image_size), y_test)
+        return _classification_split(name, _resize(x, options.image_size), y, classes, val_fraction, seed,
                                      official_test=test)
 
     return load
@@ -403,30 +565,48 @@ def _load_fgvc_aircraft(val_fraction: float, seed: int, options: DataSpec = Data
     from torchvision import datasets
 
     assert options.root is not None, "checked by the spec"
-    size = options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
-    ds = datasets.FGVCAircraft(options.root, split="trainval", download=options.download)
-    x, y = _images_to_tensor(ds, size)
+    root, size = options.root, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
+
+    def decode(split: str) -> Callable[[], Decoded]:
+        return lambda: _decode_images(datasets.FGVCAircraft(root, split=split, download=options.download), size)
+
+    sources = _torchvision_sources("fgvc_aircraft", options)
+    x, y, classes = _decoded_once(options, "trainval", size, sources, decode("trainval"))
     test = None
     if options.test_fraction > 0:
-        test = _images_to_tensor(datasets.FGVCAircraft(options.root, split="test", download=options.download), size)
-    return _classification_split("fgvc_aircraft", x, y, len(ds.classes), val_fraction, seed, official_test=test)
+        test = _decoded_once(options, "test", size, sources, decode("test"))[:2]
+    return _classification_split("fgvc_aircraft", x, y, classes, val_fraction, seed, official_test=test)
 
 
 def _load_dtd(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     from torchvision import datasets
 
     assert options.root is not None, "checked by the spec"
-    parts = [datasets.DTD(options.root, split=s, partition=1, download=options.download) for s in ("train", "val")]
-    size = options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
-    decoded = [_images_to_tensor(p, size) for p in parts]
-    x, y = torch.cat([d[0] for d in decoded]), np.concatenate([d[1] for d in decoded])
+    root, size = options.root, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
+
+    def decode_trainval() -> Decoded:
+        parts = [_decode_images(datasets.DTD(root, split=s, partition=1, download=options.download), size)
+                 for s in ("train", "val")]
+        return torch.cat([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), parts[0][2]
+
+    def decode_test() -> Decoded:
+        return _decode_images(datasets.DTD(root, split="test", partition=1, download=options.download), size)
+
+    sources = _torchvision_sources("dtd", options)
+    x, y, classes = _decoded_once(options, "trainval", size, sources, decode_trainval)
     test = None
     if options.test_fraction > 0:
-        test = _images_to_tensor(datasets.DTD(options.root, split="test", partition=1, download=options.download), size)
-    return _classification_split("dtd", x, y, len(parts[0].classes), val_fraction, seed, official_test=test)
+        test = _decoded_once(options, "test", size, sources, decode_test)[:2]
+    return _classification_split("dtd", x, y, classes, val_fraction, seed, official_test=test)
 
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of an ``imagefolder`` root, by name; hidden ones (the image cache's own
+    ``.sbsearch-cache``, ``.ipynb_checkpoints``) are not classes."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _imagefolder_missing(options: DataSpec) -> str | None:
@@ -435,7 +615,7 @@ def _imagefolder_missing(options: DataSpec) -> str | None:
     root = Path(options.root)
     if not root.is_dir():
         return f"{root} is not a folder"
-    classes = [d for d in root.iterdir() if d.is_dir()]
+    classes = _class_folders(root)
     if not classes:
         return f"{root} has no class sub-folders (one folder of images per class)"
     if not any(f.suffix.lower() in _IMAGE_SUFFIXES for d in classes for f in d.iterdir()):
@@ -443,13 +623,24 @@ def _imagefolder_missing(options: DataSpec) -> str | None:
     return None
 
 
-def _load_imagefolder(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
+def _image_folder(root: Path) -> Any:
+    """torchvision's ImageFolder over the class folders of ``_class_folders``."""
     from torchvision import datasets
 
+    class VisibleClassesImageFolder(datasets.ImageFolder):  # type: ignore[misc]  # torchvision has no types
+        def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+            classes = [d.name for d in _class_folders(Path(directory))]
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    return VisibleClassesImageFolder(str(root))
+
+
+def _load_imagefolder(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
     assert options.root is not None, "checked by the spec"
-    ds = datasets.ImageFolder(options.root)
-    x, y = _images_to_tensor(ds, options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE)
-    return _classification_split("imagefolder", x, y, len(ds.classes), val_fraction, seed, options.test_fraction)
+    root, size = Path(options.root), options.image_size or DEFAULT_VARIABLE_IMAGE_SIZE
+    x, y, classes = _decoded_once(options, "all", size, lambda: _class_folders(root),
+                                  lambda: _decode_images(_image_folder(root), size))
+    return _classification_split("imagefolder", x, y, classes, val_fraction, seed, options.test_fraction)
 
 
 def _load_fakedata(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
@@ -510,6 +701,53 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean.view(shape)) / std.clamp_min(1e-6).view(shape)
 
 
+# --- augmentation of training images ---------------------------------------------------------
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad every image of ``x`` (N, C, H, W) with ``padding`` zeros on each side and crop it back to H x W
+    at an offset of its own. The offsets are drawn from ``generator`` on the CPU, so a seed gives the same
+    crops on any device."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)  # (N, C, H+2p, W+2p)
+    top, left = torch.randint(2 * padding + 1, (2, n), generator=generator).to(x.device)  # (N,), (N,)
+    rows = (top[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
+    cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
+    images = torch.arange(n, device=x.device)[:, None, None]  # (N, 1, 1)
+    crops = padded.permute(0, 2, 3, 1)[images, rows, cols]  # (N, H, W, C)
+    return crops.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip every image of ``x`` (N, C, H, W) left-right with probability 0.5, drawn from ``generator`` on the CPU."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)  # (N,)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def augmentation(options: DataSpec) -> tuple[InputTransform, ...]:
+    """The data's own augmentation of training images (``augment_crop``, then ``augment_flip``), as
+    ``symmetry`` steps: the trainer runs them on each training batch, on the images as loaded and before
+    the strategies' symmetry steps and the rest of the pipeline, so the expansion's constants never move.
+    Empty when both are off."""
+    steps = []
+    if options.augment_crop > 0:
+        padding = options.augment_crop
+
+        def crop(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+            assert generator is not None, "a symmetry-stage step: the trainer gives it its generator"
+            return random_crop(x, padding, generator)
+
+        steps.append(InputTransform("symmetry", crop))
+    if options.augment_flip:
+
+        def flip(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+            assert generator is not None, "a symmetry-stage step: the trainer gives it its generator"
+            return random_flip(x, generator)
+
+        steps.append(InputTransform("symmetry", flip))
+    return tuple(steps)
+
+
 Pipeline = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -534,7 +772,7 @@ def input_pipeline(split: Split, steps: Sequence[InputTransform], normalize: boo
 
 
 def prepare_inputs(split: Split, steps: Sequence[InputTransform], normalize: bool = True,
-                   defer_train: bool = False) -> Split:
+                   defer_train: bool = False, augment: Sequence[InputTransform] = ()) -> Split:
     """Run the deterministic input pipeline (``input_pipeline``) over a split.
 
     Args:
@@ -546,11 +784,14 @@ def prepare_inputs(split: Split, steps: Sequence[InputTransform], normalize: boo
             (augmentation) and lets loss terms see the batch before it (the invariance penalty's group
             action): a rotation then turns the image, never the expanded canvas and its constants.
             Validation and test inputs are prepared here either way.
+        augment: the data's own augmentation (``augmentation``), kept in ``Split.augment`` for the trainer
+            to run first on each training batch; it defers the training inputs, so it sees them raw.
     """
     pipeline = input_pipeline(split, steps, normalize)
     test = None if split.x_test is None else pipeline(split.x_test).contiguous()
-    if defer_train:
-        return replace(split, x_val=pipeline(split.x_val).contiguous(), x_test=test, train_pipeline=pipeline)
+    if defer_train or augment:
+        return replace(split, x_val=pipeline(split.x_val).contiguous(), x_test=test, train_pipeline=pipeline,
+                       augment=tuple(augment))
     return replace(split, x_train=pipeline(split.x_train).contiguous(), x_val=pipeline(split.x_val).contiguous(),
                    x_test=test)
 

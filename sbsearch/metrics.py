@@ -8,14 +8,17 @@ import torch.nn.functional as F
 __all__ = ["task_loss", "per_replica_metric"]
 
 
-def task_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+def task_loss(out: torch.Tensor, y: torch.Tensor, task: str, label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum over replicas of each replica's mean loss, so every replica gets its own full gradient.
 
     ``out`` is (R, B, C) logits or (R, B, 1) predictions; ``y`` is (B,) classes or (B, 1) targets.
+    ``label_smoothing`` (classification only) is ``F.cross_entropy``'s: the training loss may smooth,
+    the reported losses (``per_replica_metric``) never do.
     """
     r = out.shape[0]
     if task == "classification":
-        return F.cross_entropy(out.flatten(0, 1), y.repeat(r), reduction="sum") / y.shape[0]
+        return F.cross_entropy(out.flatten(0, 1), y.repeat(r), reduction="sum", label_smoothing=label_smoothing) / y.shape[0]
+    assert label_smoothing == 0.0, "the spec refuses label smoothing for regression"
     return F.mse_loss(out, y.expand_as(out), reduction="sum") / y.numel()
 
 

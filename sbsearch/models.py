@@ -1,8 +1,9 @@
 """The model builder: the only place that turns a plain ``ModelDesc`` into ``nn.Module``s.
 
-Registered architectures (``MODELS``): ``mlp``, ``small_cnn`` (with optional group-equivariant blocks)
-and torchvision classifiers by name (``resnet18``, ``densenet121``, ``mobilenet_v3_small``; another
-torchvision classifier is one ``TORCHVISION_MODELS`` entry), built without pretrained weights and
+Registered architectures (``MODELS``): ``mlp``, ``small_cnn`` (with optional group-equivariant blocks),
+``resnet9`` (the DAWNBench CIFAR-10 network, built here) and torchvision classifiers by name
+(``resnet18``, ``densenet121``, ``mobilenet_v3_small``; another torchvision classifier is one
+``TORCHVISION_MODELS`` entry), built without pretrained weights and
 adapted to the data: ``num_classes``, the first conv replaced when the images do not have 3 channels, the stem
 adapted to expanded inputs, a ``cifar_stem`` option, the spec's normalisation and dropout.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +27,7 @@ from sbsearch.strategies import ModelDesc, apply_model_edits, auto_bias_scale, i
 __all__ = [
     "INPUT_KINDS",
     "MODELS",
+    "RESNET9_LOGIT_SCALE",
     "TORCHVISION_MODELS",
     "build_model",
     "constant_bias_energy",
@@ -236,6 +239,87 @@ def _mlp(desc: ModelDesc) -> nn.Module:
     return nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
 
 
+# --- resnet9 -------------------------------------------------------------------------------------
+
+
+class _Residual(nn.Module):
+    """``x + body(x)``: an identity shortcut around ``body``."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.body(x)
+        return out
+
+
+class _Scale(nn.Module):
+    """Multiplies by a fixed ``factor``: a plain float, which every replica of a stack shares (``_ScaledBias``)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
+RESNET9_LOGIT_SCALE = 0.125
+"""The fixed factor on resnet9's logits (Page's ``Mul(0.125)``): without it the logits of the wide last
+block start large and the softmax saturates in the first steps."""
+
+
+def _resnet9(desc: ModelDesc) -> nn.Module:
+    """The residual network of the DAWNBench CIFAR-10 entries (Myrtle.ai; D. Page, "How to train your ResNet").
+
+    With w = ``width`` (``first_width`` for the prep conv when set), every conv 3x3, stride 1, bias only
+    without a norm layer, followed by ``desc.norm`` and a ReLU:
+
+        prep    conv w                                        # (N, w, H, W)
+        layer1  conv 2w, max-pool 2, + two convs 2w           # (N, 2w, H/2, W/2)
+        layer2  conv 4w, max-pool 2                           # (N, 4w, H/4, W/4)
+        layer3  conv 8w, max-pool 2, + two convs 8w           # (N, 8w, H/8, W/8)
+        head    global max-pool, dropout, linear to classes without bias, x 0.125
+
+    ``width`` counts the first block's channels, as in ``small_cnn``: Page's network is ``width`` 64 with
+    ``norm: batch``. The prep conv takes the input's channels and the expansion's stem adaptation (made
+    for a 3x3 stride-1 first conv, which this is) and is the first layer of the bias controls.
+    """
+    assert desc.is_image, "resnet9 needs image inputs"
+    assert desc.dropout_rate == 0 or desc.dropout_where == "head", "resnet9 has dropout only before its classifier"
+    w = desc.width
+
+    def conv_block(c_in: int, c_out: int, block: int = 1, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+        conv = _scaled_if_first(nn.Conv2d, desc, block)(c_in, c_out, kernel, stride=stride, padding=kernel // 2,
+                                                        bias=desc.norm == "none")
+        return nn.Sequential(conv, _norm_layer(desc.norm, c_out, image=True), nn.ReLU())
+
+    def pool() -> nn.Module:
+        # ceil_mode leaves even sides as Page's floor pooling does, and keeps a 1-pixel map (8x8 digits
+        # reach layer3 at 1x1) instead of pooling it to nothing.
+        return nn.MaxPool2d(2, ceil_mode=True)
+
+    def residual(channels: int) -> nn.Module:
+        return _Residual(nn.Sequential(conv_block(channels, channels), conv_block(channels, channels)))
+
+    prep = desc.first_width or w
+    return nn.Sequential(OrderedDict([
+        ("prep", conv_block(desc.input_shape[0], prep, block=0, kernel=desc.stem_kernel, stride=desc.stem_stride)),
+        ("layer1", nn.Sequential(conv_block(prep, 2 * w), pool(), residual(2 * w))),
+        ("layer2", nn.Sequential(conv_block(2 * w, 4 * w), pool())),
+        ("layer3", nn.Sequential(conv_block(4 * w, 8 * w), pool(), residual(8 * w))),
+        ("pool", nn.AdaptiveMaxPool2d(1)),  # (N, 8w, 1, 1)
+        ("flatten", nn.Flatten()),  # (N, 8w)
+        ("dropout", _dropout_layer(desc, image=False)),
+        ("linear", nn.Linear(8 * w, desc.num_outputs, bias=False)),
+        ("scale", _Scale(RESNET9_LOGIT_SCALE)),
+    ]))
+
+
 # --- torchvision classifiers ---------------------------------------------------------------------
 
 
@@ -344,6 +428,7 @@ Builder = Callable[[ModelDesc], nn.Module]
 MODELS: dict[str, Builder] = {
     "small_cnn": _small_cnn,
     "mlp": _mlp,
+    "resnet9": _resnet9,
     **{name: _torchvision_builder(name) for name in TORCHVISION_MODELS},
 }
 """Registered architectures: name -> builder(desc)."""
@@ -351,6 +436,7 @@ MODELS: dict[str, Builder] = {
 INPUT_KINDS: dict[str, tuple[str, ...]] = {
     "small_cnn": ("image",),
     "mlp": ("image", "vector"),
+    "resnet9": ("image",),
     **{name: ("image",) for name in TORCHVISION_MODELS},
 }
 """Which input kinds each architecture accepts."""

@@ -70,6 +70,27 @@ class TrainSpec:
     lr: float = _f(0.003, "learning rate", ("must be > 0", _positive))
     momentum: float = _f(0.9, "SGD momentum", ("must be in [0, 1)", lambda x: 0 <= x < 1))
     weight_decay: float = _f(0.0, "L2 weight decay", ("must be >= 0", lambda x: x >= 0))
+    nesterov: bool = _f(False, "SGD: Nesterov momentum (needs train.optimizer: sgd and momentum > 0)")
+    schedule: str = _f("constant", "learning-rate schedule, stepped after every optimiser step over epochs x steps per "
+                       "epoch (or max_steps): constant; cosine (annealed to 0, torch CosineAnnealingLR); onecycle "
+                       "(torch OneCycleLR, linear rise to lr over the warmup share, then linear fall to lr/1e6; "
+                       "momentum is not cycled); minibatch optimisers only",
+                       choices=lambda: ("constant", "cosine", "onecycle"))
+    warmup: Union[float, None] = _f(None, "share of all steps spent rising linearly from lr/100 to lr, before the "
+                                    "schedule (onecycle: its rising part); null = 0.3 under onecycle (PyTorch's "
+                                    "pct_start), 0 otherwise",
+                                    ("must be in [0, 1)", lambda x: 0 <= x < 1))
+    label_smoothing: float = _f(0.0, "classification: label smoothing of the training loss (validation and test "
+                                "losses stay unsmoothed)", ("must be in [0, 1)", lambda x: 0 <= x < 1))
+    precision: str = _f("fp32", "arithmetic of the forward pass (torch.autocast; parameters, losses and metrics stay "
+                        "fp32): fp32; bf16; fp16 (CUDA only, with a gradient scaler and a fused optimiser). On the "
+                        "CPU, PyTorch's autocast does not reach convolutions inside the batched replica stack "
+                        "(replicas >= 2): they stay fp32 there",
+                        choices=lambda: ("fp32", "bf16", "fp16"))
+    channels_last: bool = _f(False, "image data: models and inputs in torch.channels_last memory format (faster "
+                             "convolutions on GPUs)")
+    compile: bool = _f(False, "torch.compile the network the trainer calls (the first epoch pays for the compilation); "
+                       "minibatch optimisers only")
     replicas: int = _f(3, "models per trial that differ only in their initialisation seed, trained together; the trial's "
                           "metric is their mean, and sb_score compares their weights (needs 2 or more)",
                        ("must be between 1 and 16", lambda x: 1 <= x <= 16))
@@ -118,6 +139,18 @@ class SearchSpec:
                              "such a spec must set search.trials: 1")
     parallel: int = _f(1, "trials run at the same time, each in its own process",
                        ("must be between 1 and 64", lambda x: 1 <= x <= 64))
+    devices: Union[tuple[int, ...], None] = _f(None, "optuna backend, trials on CUDA: the GPUs (indices as this process "
+                                               "sees them) that the trials' processes are pinned to, each through its "
+                                               "own CUDA_VISIBLE_DEVICES, so that cuda in a trial means its GPU; worker "
+                                               "i gets the i-th in turn (round robin, a restarted worker the same one), "
+                                               "and each trial records its GPU in the user attribute sbsearch.device; "
+                                               "null = every visible GPU. Trials on the CPU ignore it",
+                                               ("must be a non-empty list of distinct device indices >= 0",
+                                                lambda x: len(x) > 0 and len(set(x)) == len(x) and min(x) >= 0))
+    trials_per_gpu: int = _f(1, "optuna backend, trials on CUDA: how many trials (worker processes) share one GPU; "
+                                "search.parallel may be at most the number of devices times this. The ray backend "
+                                "shares GPUs by a fraction in ray.gpus_per_trial instead",
+                             ("must be between 1 and 64", lambda x: 1 <= x <= 64))
     schedule: Union[str, None] = _f(None, "what each trial's sampler and pruning rule see: fixed (trial n waits until "
                                     "trials 0..n-lag have finished and sees exactly those, so the same spec gives the "
                                     "same sweep) or free (each trial sees whatever has finished when it starts: no "
@@ -339,6 +372,9 @@ def _type_ok(tp: Any, value: Any) -> tuple[bool, Any, str]:
         if value is None:
             return True, None, ""
         tp = next(a for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) is tuple and get_args(tp)[-1] is Ellipsis:  # a list of integers, such as search.devices
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return ok, tuple(value) if ok else value, "a list of integers" + (" or null" if optional else "")
     if get_origin(tp) is tuple:  # a fixed-length list of numbers, such as data.domain
         n = len(get_args(tp))
         ok, value = _number_pair(value, n)
@@ -520,10 +556,13 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
                     problems.append(Problem(f"space.{p.name}", why, value))
                     break
     _model_checks(spec, by_name, problems)
+    _train_checks(spec, input_kind, problems)
     _input_checks(spec, by_name, input_kind, problems)
+    _augmentation_checks(spec, input_kind, problems)
     shape = DATASETS[spec.data.dataset].image_shape(spec.data)
     if not problems and shape is not None and spec.model.name in TORCHVISION_MODELS:  # needs a buildable model
         _input_size_checks(spec, shape, bases, by_name, problems)
+    _device_checks(spec, problems)
     if spec.search.pruner in RAY_SCHEDULERS and spec.search.backend != "ray":
         problems.append(Problem("search.pruner", "is a Ray Tune scheduler and needs search.backend: ray", spec.search.pruner))
     if spec.search.schedule == "fixed" and spec.search.backend == "ray":
@@ -542,6 +581,38 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
         for p in spec.space:
             if p.kind == "range" and not (p.integer or p.step):
                 problems.append(Problem(f"space.{p.name}", "the grid sampler needs a list of values or a range with a step", p.to_yaml()))
+
+
+def _device_checks(spec: Spec, problems: list[Problem]) -> None:
+    """``search.devices`` and ``search.trials_per_gpu`` against the backend and this machine's GPUs (checked
+    where the sweep runs: a machine without CUDA trains on the CPU and pins nothing)."""
+    search = spec.search
+    if search.backend != "optuna":
+        changed = {"devices": search.devices is not None, "trials_per_gpu": search.trials_per_gpu != 1}
+        for key in (key for key, differs in changed.items() if differs):
+            problems.append(Problem(f"search.{key}", "applies to search.backend: optuna; Ray places each trial on a "
+                                    "GPU itself (ray.gpus_per_trial, a fraction such as 0.5 to share one)",
+                                    getattr(search, key)))
+        return
+    count = _cuda_device_count()
+    if spec.train.device == "cpu" or (spec.train.device == "auto" and count == 0):
+        return
+    if search.devices is not None and count > 0 and max(search.devices) >= count:
+        problems.append(Problem("search.devices", f"must list GPUs this machine has (indices 0 to {count - 1})",
+                                list(search.devices)))
+        return
+    gpus = len(search.devices) if search.devices is not None else count
+    if gpus > 0 and search.parallel > gpus * search.trials_per_gpu:
+        problems.append(Problem("search.parallel", f"must be at most {gpus * search.trials_per_gpu} on {gpus} GPU(s) "
+                                f"with search.trials_per_gpu {search.trials_per_gpu} (raise it to let more trials "
+                                "share a GPU)", search.parallel))
+
+
+def _cuda_device_count() -> int:
+    """The GPUs this process sees (0 without CUDA); it does not create a CUDA context."""
+    import torch  # the data sets' module has imported it already
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[Problem]) -> None:
@@ -572,12 +643,63 @@ def _model_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[P
                                         "with norm.kind: none (a norm layer makes a conv bias redundant)", value))
 
 
+def _train_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
+    """The training recipe's keys against each other, the optimiser, the data's task and the device."""
+    train = spec.train
+    if train.nesterov and train.optimizer != "sgd":
+        problems.append(Problem("train.nesterov", f"applies to train.optimizer: sgd only, and train.optimizer is "
+                                f"{train.optimizer}", train.nesterov))
+    elif train.nesterov and train.momentum == 0:
+        problems.append(Problem("train.nesterov", "needs train.momentum > 0", train.nesterov))
+    if train.optimizer == "lbfgs":
+        # One full-batch step per epoch with its own line search: there is no step size to schedule,
+        # the line search compares losses that reduced precision would blur, and its closure runs the
+        # replicas' own modules rather than the network the trainer compiles.
+        changed = {"schedule": train.schedule != "constant", "warmup": bool(train.warmup),
+                   "precision": train.precision != "fp32", "compile": train.compile}
+        for key in [key for key, differs in changed.items() if differs]:
+            problems.append(Problem(f"train.{key}", "needs a minibatch optimiser (train.optimizer lbfgs takes one "
+                                    "full-batch step per epoch)", getattr(train, key)))
+    if train.schedule == "onecycle" and train.warmup == 0:
+        problems.append(Problem("train.warmup", "must be > 0 under train.schedule: onecycle (its rising part; "
+                                "null = 0.3)", train.warmup))
+    if train.label_smoothing > 0 and DATASETS[spec.data.dataset].task != "classification":
+        problems.append(Problem("train.label_smoothing", f"applies to classification only, and data set "
+                                f"{spec.data.dataset!r} is {DATASETS[spec.data.dataset].task}", train.label_smoothing))
+    if train.channels_last and input_kind != "image":
+        problems.append(Problem("train.channels_last", f"applies to image inputs only, and data set "
+                                f"{spec.data.dataset!r} has {input_kind} inputs", train.channels_last))
+    if train.precision == "fp16" and (train.device == "cpu" or train.device == "auto" and _cuda_device_count() == 0):
+        problems.append(Problem("train.precision", "fp16 needs a CUDA device (train.device: "
+                                f"{train.device} trains on the CPU here; use bf16)", train.precision))
+
+
 def _input_checks(spec: Spec, by_name: Mapping[str, ParamSpec], input_kind: str, problems: list[Problem]) -> None:
     """Rules of the input pipeline that span the data section and the expansion."""
     if input_kind == "vector" and spec.data.normalize and "raw" in by_name["expansion.fill_space"].extremes:
         problems.append(Problem("space.expansion.fill_space", "raw places the constant in raw input units, which "
                                 "normalised vector data does not have (each feature is standardised on its own); use "
                                 "normalized, or data.normalize: false", "raw"))
+
+
+def _augmentation_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
+    """The data's own augmentation (``data.augment_crop``, ``data.augment_flip``): images only, minibatches only,
+    and a crop smaller than the image."""
+    data = spec.data
+    asked = {"augment_crop": data.augment_crop, "augment_flip": data.augment_flip}
+    for key, value in asked.items():
+        if not value:
+            continue
+        if input_kind != "image":
+            problems.append(Problem(f"data.{key}", f"applies to image data sets only, and data set {data.dataset!r} "
+                                    f"has {input_kind} inputs", value))
+        elif spec.train.optimizer == "lbfgs":
+            problems.append(Problem(f"data.{key}", "random augmentation needs a minibatch optimiser, not "
+                                    "train.optimizer lbfgs (one full-batch step per epoch)", value))
+    shape = DATASETS[data.dataset].image_shape(data)
+    if shape is not None and data.augment_crop >= min(shape[1:]):
+        problems.append(Problem("data.augment_crop", f"must be smaller than the image side ({min(shape[1:])} for data "
+                                f"set {data.dataset!r})", data.augment_crop))
 
 
 def _factors(p: ParamSpec) -> list[int]:
@@ -934,7 +1056,9 @@ def spec_reference() -> list[tuple[str, str, str, str]]:
 
     def type_words(tp: Any) -> str:
         if get_origin(tp) is Union:
-            return " or ".join("null" if a is type(None) else a.__name__ for a in get_args(tp))
+            return " or ".join("null" if a is type(None) else type_words(a) for a in get_args(tp))
+        if get_origin(tp) is tuple and get_args(tp)[-1] is Ellipsis:
+            return f"list of {get_args(tp)[0].__name__}"
         if get_origin(tp) is tuple:
             return f"list of {len(get_args(tp))} float"
         return str(getattr(tp, "__name__", tp))

@@ -236,8 +236,8 @@ def record_from(stored: Mapping[str, Any]) -> TrialRecord:
 
 
 # Keys a resumed or joining run of a sweep may change without it becoming a different sweep.
-RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.timeout", "search.stale_after", "tracking.uri",
-                     "tracking.experiment", "ray.address"}
+RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.devices", "search.trials_per_gpu", "search.timeout",
+                     "search.stale_after", "tracking.uri", "tracking.experiment", "ray.address"}
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -591,10 +591,17 @@ class Store:
         return gone
 
 
-def as_peer(t: FrozenTrial, metric: str, number: int | None = None) -> PeerTrial:
-    """A stored trial as a pruning rule sees it, under ``number`` when given (its slot in the fixed schedule)."""
+def stored_history(t: FrozenTrial) -> list[dict[str, float]]:
+    """A trial's metrics per epoch as the store has them: its record's, or, while it runs (or after its
+    process died), what it reported epoch by epoch (``sb_score.<layer>`` left out)."""
     stored = t.user_attrs.get(_RECORD)
     history = stored["history"] if stored and stored.get("history") else t.user_attrs.get(_HISTORY, [])
+    return list(history)
+
+
+def as_peer(t: FrozenTrial, metric: str, number: int | None = None) -> PeerTrial:
+    """A stored trial as a pruning rule sees it, under ``number`` when given (its slot in the fixed schedule)."""
+    history = stored_history(t)
     curve = {epoch + 1: trial_level(metrics) for epoch, metrics in enumerate(history)}
     for epoch, value in t.intermediate_values.items():  # a trial recorded without its history
         curve.setdefault(epoch, {metric: value})

@@ -261,6 +261,13 @@ class Tracker:
             self._log(run.info.run_id, params=trial_params(number, params))
         return str(run.info.run_id)
 
+    def missing_epochs(self, run_id: str, history: Sequence[Mapping[str, float]], key: str) -> list[EpochMetrics]:
+        """The epochs of ``history`` (epoch 1 first) that the run has no ``key`` for: those a trial had not
+        written yet when its process died, to be written by whoever closes its run."""
+        logged = self.metric_history(run_id, key)
+        now = int(time.time() * 1000)
+        return [(epoch, now, metrics) for epoch, metrics in enumerate(history, start=1) if epoch not in logged]
+
     def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         self.log_epochs(run_id, [(step, int(time.time() * 1000), metrics)])
 

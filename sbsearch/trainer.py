@@ -6,6 +6,7 @@ stops when that returns True.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -136,16 +137,86 @@ def _make_optimizer(params: Sequence[torch.Tensor] | list[dict[str, Any]], plan:
     if plan.optimizer == "lbfgs":
         # No weight_decay argument here: _lbfgs_epoch adds the L2 term to the loss itself.
         return torch.optim.LBFGS(params, lr=plan.lr, max_iter=LBFGS_ITERATIONS, line_search_fn="strong_wolfe")
+    # fp16's gradient scaler hands a fused optimiser its scale and inf flag on the device; an unfused
+    # one would make the scaler read the flag on the host, a synchronisation every step.
+    fused = True if plan.precision == "fp16" else None
     if plan.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+        return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay,
+                               nesterov=plan.nesterov, fused=fused)
     if plan.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
+        return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, fused=fused)
     assert plan.optimizer == "adam", plan.optimizer
-    return torch.optim.Adam(params, lr=plan.lr, weight_decay=plan.weight_decay)
+    return torch.optim.Adam(params, lr=plan.lr, weight_decay=plan.weight_decay, fused=fused)
 
 
-@torch.no_grad()
-def _evaluate(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, task: str,
+WARMUP_START = 0.01
+"""A warmup rises from this share of the learning rate; onecycle starts there too (its ``div_factor``)."""
+
+ONECYCLE_WARMUP = 0.3
+"""onecycle's rising share when ``warmup`` is null: OneCycleLR's default ``pct_start``."""
+
+
+def _make_schedule(optimizer: torch.optim.Optimizer, plan: TrainPlan,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The plan's learning-rate schedule over every optimiser step of the training, stepped after each
+    one; None for a constant rate without warmup.
+
+    PyTorch's schedulers scale each param group's own rate, so the first-layer bias group keeps its
+    ``bias_lr_multiplier``. They compute Python floats: stepping one never waits for the device.
+    """
+    sched = torch.optim.lr_scheduler
+    total = plan.epochs * steps_per_epoch if plan.max_steps is None else min(plan.epochs * steps_per_epoch,
+                                                                             plan.max_steps)
+    if plan.schedule == "onecycle":
+        # The user's momentum stays as set: cycling it would override train.momentum (and Adam's betas).
+        return sched.OneCycleLR(optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+                                total_steps=total, pct_start=ONECYCLE_WARMUP if plan.warmup is None else plan.warmup,
+                                anneal_strategy="linear", cycle_momentum=False, div_factor=1 / WARMUP_START)
+    warm = int((plan.warmup or 0.0) * total)
+    rise = sched.LinearLR(optimizer, start_factor=WARMUP_START, total_iters=warm) if warm else None
+    if plan.schedule == "constant":
+        return rise
+    assert plan.schedule == "cosine", plan.schedule
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warm))
+    return cosine if rise is None else sched.SequentialLR(optimizer, [rise, cosine], milestones=[warm])
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""``train.precision`` below fp32: the autocast dtype."""
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _forward(net: _Replicas, plan: TrainPlan) -> Forward:
+    """``net`` as training and evaluation call it: compiled if the plan asks, on inputs in its memory format,
+    under its autocast precision, with fp32 outputs (R, B, out) for the losses and metrics."""
+    # Static shapes: the batch, the epoch's last partial batch and the evaluation batches are a handful of
+    # shapes, each compiled once (a grad-mode change recompiles too), into faster kernels than dynamic ones.
+    call: Forward = torch.compile(net.__call__, dynamic=False) if plan.compile else net
+    device_type, dtype = torch.device(plan.device).type, PRECISIONS.get(plan.precision)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if plan.channels_last and x.dim() == 4:  # other inputs have no channels_last layout: left as they are
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            out = call(x)
+        return out.float()
+
+    return forward
+
+
+EVAL_INPUT_ELEMENTS = 2**24
+"""Input elements (times replicas) one evaluation batch may hold: 1024 samples of 3x32x32 images for 3
+replicas fit; smaller inputs get larger batches (up to 4096 samples), larger ones smaller (down to 256)."""
+
+
+def _eval_batch(x: torch.Tensor, replicas: int) -> int:
+    per_sample = max(1, x[0].numel() * replicas)
+    return max(256, min(4096, 1 << int(math.log2(max(1, EVAL_INPUT_ELEMENTS // per_sample)))))
+
+
+@torch.inference_mode()
+def _evaluate(net: Forward, x: torch.Tensor, y: torch.Tensor, task: str,
               batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     loss_sum: torch.Tensor | float = 0.0
     metric_sum: torch.Tensor | float = 0.0
@@ -164,6 +235,10 @@ def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None 
     with several replicas also ``val_<metric>_std``. The test split is measured once, after a trial
     that ran every epoch, into ``TrainResult.test``; ``report`` never sees it, so nothing that decides
     during a sweep (sampler, pruner, ranking) can.
+
+    The plan's training recipe (``TrainSpec``: learning-rate schedule and warmup, Nesterov momentum, label
+    smoothing of the training loss, autocast precision, channels_last, torch.compile) applies to the
+    minibatch optimisers; the spec refuses what L-BFGS cannot follow.
 
     ``strategies`` (every strategy's settings, by name) brings in the strategies' training-time hooks:
     each training batch goes through their ``symmetry`` input steps (augmentation) before the rest of
@@ -190,23 +265,30 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     start = time.perf_counter()
     device = torch.device(plan.device)
     models = [build_model(desc, s).to(device) for s in replica_seeds(plan.seed, plan.replicas)]
+    if plan.channels_last:  # before stacking: the stack copies the replicas' tensors as they are
+        models = [model.to(memory_format=torch.channels_last) for model in models]
     lbfgs = plan.optimizer == "lbfgs"
     # L-BFGS's line search and curvature pairs span all the parameters it is given, so stacked
     # replicas would share one step size: each replica gets its own optimiser and runs on its own.
     net = _stack(models, batched=not lbfgs)
+    forward = _forward(net, plan)
     optimizer = _make_optimizer(_param_groups(net.parameters(), models[0], desc, plan), plan) if not lbfgs else None
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
     frozen = _frozen_entries(net.parameters(), models)
     augment = torch.Generator().manual_seed(plan.seed + 1)  # its own stream: the batch order stays the same
     lbfgs_optimizers = [_make_optimizer(list(m.parameters()), plan) for m in models] if lbfgs else []
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_val, y_val = split.x_val.to(device), split.y_val.to(device)
     pipeline = split.train_pipeline
-    symmetry = [step for step in input_transforms(strategies, split.input_kind) if step.stage == "symmetry"]
+    symmetry = [*split.augment,  # the data's own augmentation (crop, flip) first, then the strategies'
+                *(step for step in input_transforms(strategies, split.input_kind) if step.stage == "symmetry")]
     terms = _start_loss_terms(strategies, net, models[0], plan)
     assert not (lbfgs and symmetry), "the spec refuses random input transforms under full-batch L-BFGS"
     if pipeline is not None and lbfgs:  # full-batch steps have no per-batch transform to come first
         x_train, pipeline = pipeline(x_train), None
     n, metric = x_train.shape[0], task_objective(split.task)[0]
+    schedule = _make_schedule(optimizer, plan, math.ceil(n / plan.batch_size)) if optimizer is not None else None
+    eval_batch = _eval_batch(x_val, plan.replicas)
     score_layers = _score_layers(models[0], plan.score_layers)
     initial = net.replica_weights(score_layers) if plan.score and score_layers else []
     order = torch.Generator().manual_seed(plan.seed)
@@ -217,20 +299,27 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
         net.train()
         if lbfgs:
             train_loss = _lbfgs_epoch(models, lbfgs_optimizers, x_train, y_train, split.task, plan.weight_decay, frozen,
-                                      terms)
+                                      terms, plan.label_smoothing)
             _restore_frozen(frozen)
             steps += 1
         else:
             assert optimizer is not None
             perm = torch.randperm(n, generator=order).to(device)
+            # Nothing in the loop reads a device value on the host (the loss sum stays on the device until the
+            # epoch ends; schedulers compute Python floats; fp16's scaler hands its inf flag to a fused optimiser),
+            # so a GPU never waits for the host between steps.
             loss_sum = torch.zeros((), device=device)
             seen = 0
             for i in range(0, n, plan.batch_size):
                 idx = perm[i : i + plan.batch_size]
-                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, augment, pipeline, symmetry, terms)
+                loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, augment, pipeline, symmetry, terms,
+                                   plan.label_smoothing, forward)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                scaler.step(optimizer)  # optimizer.step(), unless fp16's scaler finds inf gradients
+                scaler.update()
+                if schedule is not None:
+                    schedule.step()
                 _restore_frozen(frozen)
                 loss_sum += loss.detach() * idx.shape[0]
                 seen, steps = seen + idx.shape[0], steps + 1
@@ -240,7 +329,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} at epoch {epoch}")
         net.train(False)
-        val_loss, val_metric = _evaluate(net, x_val, y_val, split.task)
+        val_loss, val_metric = _evaluate(forward, x_val, y_val, split.task, eval_batch)
         # The objective first: MLflow's compare view colours its charts by a run's first logged metric.
         metrics = {metric: val_metric.mean().item(), "val_loss": val_loss.mean().item(), "train_loss": train_loss}
         if plan.replicas > 1:
@@ -256,7 +345,8 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     test: dict[str, float] = {}
     if plan.test and not stopped and epoch == plan.epochs and split.x_test is not None and split.y_test is not None:
         net.train(False)
-        test_loss, test_metric = _evaluate(net, split.x_test.to(device), split.y_test.to(device), split.task)
+        test_loss, test_metric = _evaluate(forward, split.x_test.to(device), split.y_test.to(device), split.task,
+                                           eval_batch)
         test = {f"test_{split.metric}": test_metric.mean().item(), "test_loss": test_loss.mean().item()}
         if plan.replicas > 1:
             test[f"test_{split.metric}_std"] = test_metric.std().item()
@@ -331,8 +421,12 @@ def _start_loss_terms(strategies: Mapping[str, Settings], net: _Replicas, model:
 
 def _batch_loss(net: _Replicas, x: torch.Tensor, y: torch.Tensor, task: str, generator: torch.Generator,
                 pipeline: Pipeline | None = None, symmetry: Sequence[InputTransform] = (),
-                terms: Sequence[LossFn] = ()) -> torch.Tensor:
+                terms: Sequence[LossFn] = (), label_smoothing: float = 0.0,
+                forward: Forward | None = None) -> torch.Tensor:
     """The task loss of one batch, with the strategies' ``symmetry`` input steps and loss terms.
+
+    ``forward`` runs ``net`` as the plan asks (``_forward``: compiled, autocast); the loss terms see
+    ``net`` itself.
 
     The symmetry steps act on ``x`` before the input pipeline (expansion, normalisation), so the
     expansion's constants stay where validation and test inputs have them; the loss terms see the batch
@@ -340,8 +434,8 @@ def _batch_loss(net: _Replicas, x: torch.Tensor, y: torch.Tensor, task: str, gen
     """
     for step in symmetry:
         x = step.apply(x, generator)
-    out = net(pipeline(x) if pipeline is not None else x)
-    loss = task_loss(out, y, task)
+    out = (forward or net)(pipeline(x) if pipeline is not None else x)
+    loss = task_loss(out, y, task, label_smoothing)
     if terms:
         batch = LossBatch(net.stacked_parameters(), tuple(range(out.shape[0])),
                           BatchInputs(net, x, out, pipeline or _identity, generator))
@@ -385,7 +479,8 @@ def _stack(models: list[nn.Module], batched: bool = True) -> _Replicas:
 
 def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], x: torch.Tensor,
                  y: torch.Tensor, task: str, weight_decay: float,
-                 frozen: Sequence[tuple[torch.Tensor, ...]], terms: Sequence[LossFn] = ()) -> float:
+                 frozen: Sequence[tuple[torch.Tensor, ...]], terms: Sequence[LossFn] = (),
+                 label_smoothing: float = 0.0) -> float:
     """One full-batch L-BFGS step per replica, one replica after another; the mean loss before the steps.
 
     The unbatched replica stack runs these same module objects, so evaluation sees the new weights.
@@ -400,7 +495,7 @@ def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer
             total = torch.zeros((), device=x.device)
             for i in range(0, n, LBFGS_CHUNK):
                 xb, yb = x[i : i + LBFGS_CHUNK], y[i : i + LBFGS_CHUNK]
-                loss = task_loss(model(xb).unsqueeze(0), yb, task) * (xb.shape[0] / n)  # (1, B, out) -> mean
+                loss = task_loss(model(xb).unsqueeze(0), yb, task, label_smoothing) * (xb.shape[0] / n)  # (1, B, out)
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             if weight_decay > 0:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sbsearch.data import DataSpec, Split, load_dataset, prepare, prepare_inputs
+from sbsearch.data import DataSpec, Split, augmentation, load_dataset, prepare, prepare_inputs
 from sbsearch.errors import TrialDiverged
 from sbsearch.models import describe_model
 from sbsearch.space import TrialConfig
@@ -156,8 +156,10 @@ def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
     # Symmetry transforms of the data act on the image, before the expansion: the trainer gets the
     # training inputs unexpanded and applies the pipeline to each batch after transforming it.
     # (A control that stands in for the expansion leaves the data unexpanded: ``input_transforms``.)
+    # The data's own augmentation (crop, flip) is such a transform too, and runs before the strategies'.
     split = prepare_inputs(base, input_transforms(settings, base.input_kind), normalize=spec.data.normalize,
-                           defer_train=defers_training_inputs(settings, base.input_kind))
+                           defer_train=defers_training_inputs(settings, base.input_kind),
+                           augment=augmentation(spec.data))
     return split, desc
 
 

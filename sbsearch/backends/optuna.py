@@ -16,13 +16,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
 import numpy as np
 import optuna
+import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
@@ -30,13 +31,24 @@ from optuna.trial import TrialState as OptunaState
 from sbsearch.backends.base import STOP_SIGNALS, Backend, ProgressSink, StopSignals, SweepInterrupted
 from sbsearch.data import DATASETS
 from sbsearch.pruning import PeerTrial, PruningRule, rule_for
-from sbsearch.space import grid_values, sample_config, trial_budget
+from sbsearch.space import config_from_params, grid_values, sample_config, trial_budget
 from sbsearch.spec import Spec
-from sbsearch.study import SlotIndex, Store, as_peer, failure_message, free_slot, requeued, slot_of, slots
-from sbsearch.tracking import Tracker
+from sbsearch.study import (
+    SlotIndex,
+    Store,
+    as_peer,
+    failure_message,
+    free_slot,
+    requeued,
+    slot_of,
+    slots,
+    stored_history,
+)
+from sbsearch.tracking import Tracker, trial_params
 from sbsearch.trial import Interrupted, SweepContext, TrialRecord, TrialState, run_trial
 
-__all__ = ["OptunaBackend", "OptunaSuggest", "BACKEND", "sampler", "replay_study", "sample_on_replay"]
+__all__ = ["OptunaBackend", "OptunaSuggest", "BACKEND", "DEVICE_ATTR", "assign_devices", "sampler", "replay_study",
+           "sample_on_replay", "visible_gpus", "worker_devices"]
 
 
 class OptunaSuggest:
@@ -235,6 +247,45 @@ class _ScheduleCache:
             self.storage.drop_after(self.study._study_id, finished)
 
 
+# --- which GPU each worker trains on --------------------------------------------------------------------------
+
+DEVICE_ATTR = "sbsearch.device"
+"""The user attribute of a trial that names the GPU it ran on (``CUDA_VISIBLE_DEVICES`` of its worker)."""
+
+
+def assign_devices(workers: int, devices: Sequence[str], trials_per_gpu: int) -> list[str]:
+    """The device of each worker slot: round robin over ``devices``, so that the counts per device differ by at
+    most one, and none holds more than ``trials_per_gpu`` (the spec refuses more workers than that allows).
+
+    Example:
+        >>> assign_devices(3, ["0", "1"], trials_per_gpu=2)
+        ['0', '1', '0']
+    """
+    assert devices and 0 < workers <= len(devices) * trials_per_gpu, (workers, devices, trials_per_gpu)
+    return [devices[slot % len(devices)] for slot in range(workers)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, as a worker's ``CUDA_VISIBLE_DEVICES`` must name them: index i is the i-th
+    entry of this process's own ``CUDA_VISIBLE_DEVICES`` when it has one. Empty without CUDA."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(count)]
+    return ids[:count]
+
+
+def worker_devices(spec: Spec, gpus: Sequence[str] | None = None) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each worker slot (``search.parallel`` of them) among ``gpus`` (default
+    ``visible_gpus()``), picked by ``search.devices``; None for every slot when the trials train on the CPU."""
+    gpus = visible_gpus() if gpus is None else gpus
+    if spec.train.device == "cpu" or not gpus:
+        return [None] * spec.search.parallel
+    indices = spec.search.devices if spec.search.devices is not None else range(len(gpus))
+    pinned: list[str | None] = list(assign_devices(spec.search.parallel, [gpus[i] for i in indices],
+                                                   spec.search.trials_per_gpu))
+    return pinned
+
+
 # --- a worker: claim a trial, run it, record it ------------------------------------------------------------
 
 _WAIT_SECONDS = 1.0  # how often a worker with nothing to claim looks again (other processes' trials running)
@@ -254,10 +305,12 @@ class _TakenOver(BaseException):
     A BaseException, so that ``run_trial`` does not record it as the trial's failure."""
 
 
-def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, since: float = 0.0) -> None:
+def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Event | None, since: float = 0.0,
+                 device: str | None = None) -> None:
     """Claim trials and run them until the budget, the deadline, a stop request or too many failures in
     a row end the sweep. When the budget is claimed but other processes still run trials, wait for them:
-    a trial whose process died is taken over and run here."""
+    a trial whose process died is taken over and run here. ``device``: the GPU the worker is pinned to,
+    recorded with each trial it claims (``DEVICE_ATTR``)."""
     spec = ctx.spec
     metric, direction = _objective(ctx)
     store = open_store(ctx)
@@ -303,6 +356,8 @@ def _worker_loop(ctx: SweepContext, deadline: float | None, stop: threading.Even
                 trial = store.study.ask()
                 slot = slot_of(trial) if requeued(trial) else slot
                 store.claim(trial, slot, os.getpid())
+                if device is not None:
+                    trial.set_user_attr(DEVICE_ATTR, device)
         if full and not others_running:
             return
         if not ready:
@@ -437,7 +492,10 @@ def _interrupt_outside_writes(thread: threading.Thread, patience: float = 5.0) -
         time.sleep(0.005)
 
 
-def _process_worker(ctx: SweepContext, deadline: float | None, since: float) -> None:
+def _process_worker(ctx: SweepContext, deadline: float | None, since: float, device: str | None = None) -> None:
+    if device is not None:
+        # Before anything creates a CUDA context, which reads it once: from here on cuda is this GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
     from sbsearch.logs import log_to_file
 
     with contextlib.suppress(OSError):  # a spawned process starts with the frameworks logging to the terminal
@@ -448,7 +506,7 @@ def _process_worker(ctx: SweepContext, deadline: float | None, since: float) -> 
         return
     stop = threading.Event()
     _stop_on_signals(stop)
-    _worker_loop(ctx, deadline, stop, since)
+    _worker_loop(ctx, deadline, stop, since, os.environ["CUDA_VISIBLE_DEVICES"] if device is not None else None)
     if stop.is_set():
         # Its trial is queued again. Not a clean exit: a controller that was not stopped itself (the signal
         # was for this worker alone) starts another worker in its place.
@@ -486,10 +544,13 @@ class OptunaBackend(Backend):
         stop = signals.requested  # the trial honours it at its next epoch end
         errors: list[BaseException] = []
         finished = threading.Event()  # Thread.join cannot tell once a KeyboardInterrupt has interrupted it
+        [device] = worker_devices(ctx.spec)
 
         def target() -> None:
             try:
-                _worker_loop(ctx, deadline, stop, since)
+                if device is not None:  # CUDA's current device is per thread: cuda in this thread is this GPU
+                    torch.cuda.set_device((ctx.spec.search.devices or (0,))[0])
+                _worker_loop(ctx, deadline, stop, since, device)
             except BaseException as exc:  # surfaced in the controller's thread below
                 errors.append(exc)
             finally:
@@ -515,15 +576,19 @@ class OptunaBackend(Backend):
                           since: float, signals: StopSignals) -> None:
         spawn = mp.get_context("spawn")
         procs: list[Any] = []
+        devices = worker_devices(ctx.spec)
+        slot_by_worker: dict[Any, int] = {}  # a worker's slot fixes its GPU; a restarted worker takes the dead one's
 
-        def start_one() -> None:
-            p = spawn.Process(target=_process_worker, args=(ctx, deadline, since), name="sbsearch-worker", daemon=True)
+        def start_one(slot: int) -> None:
+            p = spawn.Process(target=_process_worker, args=(ctx, deadline, since, devices[slot]), name="sbsearch-worker",
+                              daemon=True)
             p.start()
             procs.append(p)
+            slot_by_worker[p] = slot
 
         try:
-            for _ in range(ctx.spec.search.parallel):
-                start_one()
+            for slot in range(ctx.spec.search.parallel):
+                start_one(slot)
             while any(p.is_alive() for p in procs):
                 progress(study.views(ctx.spec))
                 time.sleep(self.poll_seconds)
@@ -533,7 +598,7 @@ class OptunaBackend(Backend):
                     procs.remove(p)
                     self._bury(ctx, study, p.pid, p.exitcode)
                     if len(study.counted()) < trial_budget(ctx.spec) and not study.stop_reason(since):
-                        start_one()
+                        start_one(slot_by_worker[p])
             if not signals.requested.is_set():
                 return
             # The first signal: each worker stops its trial at the epoch's end and queues it again, as the
@@ -574,8 +639,15 @@ class OptunaBackend(Backend):
             # The epochs it reported are in the store (and in its MLflow run); keep the count honest.
             study.finish(t.number, TrialRecord(t.number, TrialState.FAIL, dict(t.params), reason=reason,
                                                epochs_run=len(t.intermediate_values)), metric)
+            if runs:
+                # A trial writes its params and epochs to MLflow every few seconds: those it had not written
+                # yet come from the store, so the run shows every epoch the store has.
+                config = config_from_params(ctx.spec, {**{p.name: None for p in ctx.spec.space}, **t.params})
+                history = stored_history(t)
             for run in runs:
-                tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason})
+                tracker.end_trial(run.info.run_id, "FAIL", {}, {"sbsearch.reason": reason},
+                                  epochs=tracker.missing_epochs(run.info.run_id, history, metric),
+                                  params=trial_params(t.number, config.params))
 
 
 BACKEND = OptunaBackend

@@ -258,7 +258,9 @@ def _close_run(ctx: SweepContext, record: TrialRecord, params: Mapping[str, Any]
     config = config_from_params(ctx.spec, params)
     # start_trial reuses the run the trial left, or creates it when the trial never logged one.
     run_id = tracker.start_trial(ctx.parent_run_id, record.number, config.params, trial_run_name(record.number, config))
-    tracker.end_trial(run_id, record.state, final_metrics(record), {"sbsearch.reason": record.reason})
+    # The epochs the trial had not written to MLflow yet (it writes every few seconds) come from its record.
+    missing = tracker.missing_epochs(run_id, record.history, DATASETS[ctx.spec.data.dataset].objective[0])
+    tracker.end_trial(run_id, record.state, final_metrics(record), {"sbsearch.reason": record.reason}, epochs=missing)
     return str(run_id)
 
 
