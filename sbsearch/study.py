@@ -237,7 +237,7 @@ def record_from(stored: Mapping[str, Any]) -> TrialRecord:
 
 # Keys a resumed or joining run of a sweep may change without it becoming a different sweep.
 RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.devices", "search.trials_per_gpu", "search.timeout",
-                     "search.stale_after", "tracking.uri", "tracking.experiment", "ray.address"}
+                     "search.stale_after", "tracking.uri", "tracking.experiment", "ray.address", "data.cache"}
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -273,7 +273,9 @@ def same_sweep_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: t
             and not (_added_later(k) and k not in before and now.get(k) == defaults.get(k))]
 
 
-ADDED_KEYS_SAFE_AT_DEFAULT = ("search.repeat", "search.storage", "search.stale_after", "space.syre")
+ADDED_KEYS_SAFE_AT_DEFAULT = ("search.repeat", "search.storage", "search.stale_after", "space.syre", "train.nesterov",
+                              "train.schedule", "train.warmup", "train.label_smoothing", "train.precision",
+                              "train.channels_last", "train.compile", "data.augment_crop", "data.augment_flip")
 """Keys (or sections) added in later versions that an older sweep may lack and still resume, when they keep
 their defaults: each leaves what the older sweep's trials trained on, and how, as it was."""
 

@@ -114,7 +114,11 @@ def test_a_sweep_of_an_older_version_resumes_when_the_new_keys_keep_their_defaul
     quiet = Console(file=open("/dev/null", "w"))
     run_sweep(parse_spec(tiny_spec_dict(search__trials=1, train__epochs=1)), tmp_path / "out", console=quiet)
     saved = yaml.safe_load((tmp_path / "out" / "spec.yaml").read_text(encoding="utf-8"))
-    for section, key in [("search", "repeat"), ("search", "storage"), ("search", "stale_after")]:
+    older = [("search", "repeat"), ("search", "storage"), ("search", "stale_after"), ("search", "devices"),
+             ("search", "trials_per_gpu"), ("data", "augment_crop"), ("data", "augment_flip"), ("data", "cache"),
+             *[("train", k) for k in ("nesterov", "schedule", "warmup", "label_smoothing", "precision", "channels_last",
+                                      "compile")]]
+    for section, key in older:
         del saved[section][key]  # keys that older versions did not write
     del saved["space"]["syre"]  # nor a strategy they did not have
     (tmp_path / "out" / "spec.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
