@@ -180,7 +180,8 @@ def train_plan(spec: Spec) -> TrainPlan:
 
 
 def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune: ShouldPrune,
-              stop_requested: Callable[[], bool] = lambda: False, first_attempt: bool = False) -> TrialRecord:
+              stop_requested: Callable[[], bool] = lambda: False, first_attempt: bool = False,
+              log_every_epoch: bool = False) -> TrialRecord:
     """Train one configuration, log it, and return its record. Never raises for a trial's own fault:
     an exception, a diverging loss or running out of memory becomes a FAIL (or PRUNED) record.
 
@@ -192,7 +193,9 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
 
     ``first_attempt``: no process ever started trial ``number`` before (the Optuna backend's trials: an
     interrupted one comes back under a new number), so its MLflow run is created without first looking
-    for an earlier attempt's run to reuse.
+    for an earlier attempt's run to reuse. ``log_every_epoch``: write each epoch to MLflow before
+    ``should_prune`` sees it, for a backend whose scheduler may end the trial's thread inside that call
+    (Ray's): otherwise epochs go out together, at most every ``_TrialLog.FLUSH_SECONDS``.
 
     Raises:
         Interrupted: when ``stop_requested()`` turns true between epochs.
@@ -201,7 +204,7 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
         torch.set_num_threads(ctx.threads)
     record = TrialRecord(number, TrialState.COMPLETE, {k: config.params[k] for k in config.searched})
     record.startup_seconds = _set_up_process(ctx)
-    log = _TrialLog(ctx, record, config, first_attempt)
+    log = _TrialLog(ctx, record, config, first_attempt, flush_seconds=0.0 if log_every_epoch else None)
     prune_reason: list[str] = []
 
     def report(epoch: int, metrics: dict[str, float]) -> bool:
@@ -262,8 +265,10 @@ class _TrialLog:
 
     FLUSH_SECONDS = 2.0
 
-    def __init__(self, ctx: SweepContext, record: TrialRecord, config: TrialConfig, first_attempt: bool = False) -> None:
+    def __init__(self, ctx: SweepContext, record: TrialRecord, config: TrialConfig, first_attempt: bool = False,
+                 flush_seconds: float | None = None) -> None:
         self.record = record
+        self.flush_seconds = self.FLUSH_SECONDS if flush_seconds is None else flush_seconds
         self.tracker: Tracker | None = None
         self.pending: list[EpochMetrics] = []
         self.params: dict[str, str] | None = trial_params(record.number, config.params)  # None once written
@@ -293,7 +298,7 @@ class _TrialLog:
         if self.tracker is None:
             return
         self.pending.append((epoch, int(time.time() * 1000), dict(metrics)))
-        if time.monotonic() - self.flushed >= self.FLUSH_SECONDS:
+        if time.monotonic() - self.flushed >= self.flush_seconds:
             tracker, pending, params = self.tracker, self.pending, self.params
             self.pending, self.params, self.flushed = [], None, time.monotonic()
             self._safely(lambda: tracker.log_epochs(self.record.run_id, pending, params))

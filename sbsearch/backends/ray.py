@@ -214,7 +214,8 @@ def _trainable(config: dict[str, Any], ctx: SweepContext, board: str, rule: Prun
         return None if rule is None else rule.decide(epoch, metrics, peers, number)
 
     try:
-        record = run_trial(ctx, number, trial_config, should_prune)
+        # Ray's scheduler may end this thread inside should_prune (tune.report): each epoch is in MLflow first.
+        record = run_trial(ctx, number, trial_config, should_prune, log_every_epoch=True)
     except _Superseded:
         return
     if ray.get(handle.finish.remote(asdict(record), record.final.get(metric), attempt)):
