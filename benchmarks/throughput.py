@@ -19,24 +19,25 @@ replica-images per second (an image seen by one replica; R = 3 trains 3x the ima
 Only training images are counted. Both sides train ``--steps`` steps within one epoch and then evaluate
 once (sbsearch's trainer evaluates after every epoch), on a validation split of about one image per class
 (10 images; no test split, no sb_score: ``score=False, test=False``). That evaluation is not subtracted:
-it is the same on both sides, and next to the training it is 0.04% of the images at the CUDA defaults and a
-few percent of the time at the CPU defaults. Each timed call starts
-from the prepared data on the host, so both sides also pay for building their models and optimiser and
-moving the data to the device (sbsearch's trainer does all of that inside ``train``). The variants are
-interleaved in a rotating order, repeated ``--repeats`` times after a discarded warm-up of each, and the
-median is printed.
+it is the same on both sides, well under 1% of a run at the CUDA defaults, and about a sixth of the compute
+at the CPU defaults (10 images forward against 16 forward and backward). Each timed call starts from the
+prepared data on the host, so both sides also pay for building their models and optimiser and moving the
+data to the device (sbsearch's trainer does all of that inside ``train``). The variants are interleaved in
+a rotating order, repeated ``--repeats`` times after a discarded warm-up of each, and the median is printed.
 
 Time is wall time between ``torch.cuda.synchronize()`` calls on CUDA, and process CPU time
 (``time.process_time``) on the CPU: on a shared machine other processes stretch the wall time of either
-side at random, not the CPU time each needs (as ``benchmarks/overhead.py``). The CPU default is one thread,
-so that time spent waiting for a core is not counted as work.
+side at random, not the CPU time each needs (as ``benchmarks/overhead.py``). The CPU default is one thread:
+threads that spin while they wait for each other on a busy machine would add CPU time that is not work.
 
     python benchmarks/throughput.py --device cuda [--precision bf16] [--memory-format channels_last]
     python benchmarks/throughput.py --device cpu   # about 5 minutes of one core
 
 Defaults: on CUDA 200 steps of batch 128, median of 3; on the CPU 2 steps of batch 8, median of 2, one
 thread: one core trains ResNet-9 at 3x64x64 at about 5 images/s, so a few dozen steps of batch 128 would
-take hours for the whole table. Those CPU figures are fit for the ratios, not for absolute speeds.
+take hours for the whole table. Those CPU figures are fit for the ratios, not for absolute speeds: building
+a ResNet-18 (about 0.2 s of CPU) is a tenth of such a run, on both sides, and on a loaded machine single
+runs vary by about 10%.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from sbsearch.data import Split, input_pipeline, random_crop, random_flip
+from sbsearch.data import Split, random_crop, random_flip
 from sbsearch.models import build_model
 from sbsearch.space import config_from_params
 from sbsearch.spec import Spec, parse_spec
-from sbsearch.strategies import ModelDesc, input_transforms
+from sbsearch.strategies import ModelDesc
 from sbsearch.strategies.expansion import expand
 from sbsearch.trainer import PRECISIONS, TrainPlan, replica_seeds, resolve_device, train
 from sbsearch.trial import build_trial, train_plan
@@ -99,25 +100,6 @@ def benchmark_spec(model: str, factor: int, replicas: int, args: argparse.Namesp
     })
 
 
-def training_pipeline_on(device: torch.device, split: Split, settings: dict[str, dict[str, object]],
-                         normalize: bool) -> tuple[Split, str]:
-    """``split`` with a training pipeline that runs on ``device``, and a note when sbsearch's own does not.
-
-    ``build_trial``'s pipeline normalises with the split's statistics where they were computed, on the
-    CPU; a CUDA batch cannot be combined with them. The replacement is the same pipeline
-    (``data.input_pipeline`` of the same steps) with the statistics moved to the device.
-    """
-    assert split.train_pipeline is not None, "augmentation defers the training inputs"
-    try:
-        split.train_pipeline(split.x_train[:2].to(device))
-        return split, ""
-    except RuntimeError as error:
-        moved = replace(split, mean=split.mean.to(device), std=split.std.to(device))
-        pipeline = input_pipeline(moved, input_transforms(settings, split.input_kind), normalize)
-        note = f"sbsearch's training pipeline fails on {device} ({str(error).splitlines()[0][:90]}); statistics moved"
-        return replace(split, train_pipeline=pipeline), note
-
-
 def plain_inputs(x: torch.Tensor, expansion: dict[str, object], mean: torch.Tensor, std: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
     """A plain loop's training batch: crop and flip, then expand (constants in raw units) and normalise."""
@@ -139,14 +121,16 @@ def plain_training(split: Split, desc: ModelDesc, plan: TrainPlan, expansion: di
         set_mode: Callable[[bool], Any] = model.train
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return model(x).unsqueeze(0)  # (1, B, classes)
+            out: torch.Tensor = model(x).unsqueeze(0)  # (1, B, classes)
+            return out
     else:
         stacked, buffers = stack_module_state(models)  # each (R, ...)
         skeleton = copy.deepcopy(models[0]).to("meta")
         params, set_mode = list(stacked.values()), skeleton.train
 
         def one_replica(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            return functional_call(skeleton, (p, b), (x,))
+            out: torch.Tensor = functional_call(skeleton, (p, b), (x,))
+            return out
 
         ensemble = vmap(one_replica, in_dims=(0, 0, None), randomness="different")
 
@@ -176,7 +160,7 @@ def plain_training(split: Split, desc: ModelDesc, plan: TrainPlan, expansion: di
         out = run(plain_inputs(x_train[idx], expansion, mean, std, augment))  # (R, B, classes)
         loss = F.cross_entropy(out.flatten(0, 1), y_train[idx].repeat(out.shape[0])) * out.shape[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         schedule.step()
         loss_sum += loss.detach()
@@ -199,6 +183,18 @@ def timed(device: torch.device, work: Callable[[], object]) -> float:
     work()
     return time.process_time() - start
 
+def assert_same_inputs(split: Split, expansion: dict[str, object], device: torch.device) -> None:
+    """The plain loop's training batches are the ones sbsearch's trainer makes: the same crop and flip
+    drawn from the same generator, then sbsearch's own pipeline (expansion, normalisation), run on the device
+    as the trainer runs it."""
+    assert split.train_pipeline is not None, "augmentation defers the training inputs"
+    x = split.x_train[:8].to(device)
+    ours = plain_inputs(x, expansion, split.mean.to(device), split.std.to(device), torch.Generator().manual_seed(1))
+    theirs, generator = x, torch.Generator().manual_seed(1)
+    for step in split.augment:
+        theirs = step.apply(theirs, generator)
+    torch.testing.assert_close(ours, split.train_pipeline(theirs))
+
 
 def measure_row(model: str, factor: int, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
     """Median seconds of each variant of one row, with the row's input shape and any note."""
@@ -206,30 +202,28 @@ def measure_row(model: str, factor: int, replicas: int, args: argparse.Namespace
     config = config_from_params(spec, {})
     split, desc = build_trial(spec, config)
     device = torch.device(train_plan(spec).device)
-    split, note = training_pipeline_on(device, split, config.all_settings(), spec.data.normalize)
+    note = ""
     assert split.x_train.shape[0] >= args.steps * args.batch_size, "max_steps must end within the first epoch"
     assert 0 < split.x_val.shape[0] <= 3 * CLASSES, split.x_val.shape
     expansion = config.settings("expansion")
     assert expansion["fill_space"] == "raw", "the plain loop expands before it normalises"
     seeds = replica_seeds(spec.seed, replicas)
-    batch, generator = split.x_train[:4].to(device), torch.Generator().manual_seed(0)
-    augmented = batch
-    for step in split.augment:  # as the trainer runs them
-        augmented = step.apply(augmented, generator)
-    plain = plain_inputs(batch, expansion, split.mean.to(device), split.std.to(device), torch.Generator().manual_seed(0))
-    assert torch.allclose(split.train_pipeline(augmented), plain, atol=1e-5), "plain inputs differ from sbsearch's"
+    assert_same_inputs(split, expansion, device)
 
     def plan_for(steps: int) -> TrainPlan:
         return replace(train_plan(spec), max_steps=steps, score=False, test=False)
 
     def variants(steps: int) -> dict[str, Callable[[], object]]:
+        def sequential() -> None:
+            for seed in seeds:
+                plain_training(split, desc, plan_for(steps), expansion, [seed], steps)
+
         out: dict[str, Callable[[], object]] = {
             "sbsearch": lambda: train(split, desc, plan_for(steps), strategies=config.all_settings()),
             "plain": lambda: plain_training(split, desc, plan_for(steps), expansion, seeds, steps),
         }
         if replicas > 1:
-            out["sequential"] = lambda: [plain_training(split, desc, plan_for(steps), expansion, [seed], steps)
-                                         for seed in seeds]
+            out["sequential"] = sequential
         return out
 
     for work in variants(min(args.steps, WARMUP_STEPS[device.type])).values():

@@ -205,3 +205,16 @@ def test_a_crop_must_be_smaller_than_the_image_and_not_negative() -> None:
     assert _problems(tiny_spec_dict(data__augment_crop=-1)) == ["data.augment_crop: must be >= 0, but got -1"]
     spec = parse_spec(tiny_spec_dict(data__augment_crop=7, data__image_size=16))  # a larger image takes more
     assert dataclasses.asdict(spec.data)["augment_crop"] == 7
+
+
+def test_the_deferred_pipeline_runs_on_batches_on_another_device() -> None:
+    """With augmentation on, the trainer runs the input pipeline on training batches already on its device
+    (a GPU), while the split keeps its statistics on the CPU. PyTorch's ``meta`` device refuses a CPU
+    tensor of more than one element just as CUDA does, so this runs the pipeline there."""
+    spec = parse_spec(tiny_spec_dict(data__augment_crop=2, data__augment_flip=True, space__expansion__factor=2,
+                                     space__expansion__fill=0.5, space__norm__kind="none"))
+    split, _ = build_trial(spec, config_from_params(spec, {}))
+    assert split.train_pipeline is not None
+    batch = split.x_train[:4].to("meta")
+    out = split.train_pipeline(batch)
+    assert out.device.type == "meta" and out.shape == split.train_pipeline(split.x_train[:4]).shape
