@@ -700,7 +700,7 @@ def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     """Standardise ``x`` per channel (images) or feature (vectors). The statistics, kept on the CPU with the
     split, go to ``x``'s device: a deferred pipeline runs on training batches already on the GPU."""
     shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
-    mean, std = mean.to(x.device, x.dtype), std.to(x.device, x.dtype)
+    mean, std = mean.to(x.device), std.to(x.device)
     return (x - mean.view(shape)) / std.clamp_min(1e-6).view(shape)
 
 
