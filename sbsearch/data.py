@@ -467,9 +467,7 @@ def _read_cache(path: Path) -> Decoded | None:
     try:
         stored = torch.load(path, weights_only=True)
         images, labels, classes = stored["images"], stored["labels"], stored["classes"]
-    except FileNotFoundError:
-        return None
-    except Exception:  # truncated or corrupt (torch.load has no one error for it): decoded again and rewritten
+    except Exception:  # missing, truncated or corrupt (torch.load has no one error for it): decoded (again)
         return None
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
             and isinstance(labels, torch.Tensor) and labels.shape == images.shape[:1] and isinstance(classes, list)):
@@ -697,10 +695,8 @@ def load_dataset(name: str, val_fraction: float, seed: int, options: DataSpec | 
 
 
 def _normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Standardise ``x`` per channel (images) or feature (vectors). The statistics, kept on the CPU with the
-    split, go to ``x``'s device: a deferred pipeline runs on training batches already on the GPU."""
+    """Standardise ``x`` per channel (images) or feature (vectors) with statistics on ``x``'s device."""
     shape = (1, -1, 1, 1) if x.dim() == 4 else (1, -1)
-    mean, std = mean.to(x.device), std.to(x.device)
     return (x - mean.view(shape)) / std.clamp_min(1e-6).view(shape)
 
 
@@ -762,11 +758,17 @@ def input_pipeline(split: Split, steps: Sequence[InputTransform], normalize: boo
     """
     raw = [step for step in steps if step.stage == "raw"]
     normalized = [step for step in steps if step.stage == "normalized"]
+    # The split keeps its statistics on the CPU; a deferred pipeline runs on training batches already on
+    # the GPU. Copied to a device once, not per batch (a copy from the host would wait for the GPU each step).
+    statistics: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pipeline(x: torch.Tensor) -> torch.Tensor:
         for step in raw:
             x = step.apply(x, None)
-        x = _normalise(x, split.mean, split.std) if normalize else x
+        if normalize:
+            if x.device not in statistics:
+                statistics[x.device] = (split.mean.to(x.device), split.std.to(x.device))
+            x = _normalise(x, *statistics[x.device])
         for step in normalized:
             x = step.apply(x, None)
         return x

@@ -116,6 +116,14 @@ def _listen_for_sqlite_connections() -> None:
     event.listen(Engine, "connect", _relax_sync_in_wal)
 
 
+@functools.lru_cache(maxsize=16)
+def _prepare_sqlite_store(uri: str) -> None:
+    """Once per process and store: its write-ahead log (``use_write_ahead_log``) and the relaxed sync of
+    every connection to it. A Ray worker builds a ``Tracker`` per trial; the mounts and the file are read once."""
+    use_write_ahead_log(uri)
+    _listen_for_sqlite_connections()
+
+
 def _retry(fn: Callable[[], T], attempts: int = 8) -> T:
     delay = 0.05
     for attempt in range(attempts):
@@ -143,8 +151,7 @@ class Tracker:
 
         self.target = target
         if sqlite_path(target.uri) is not None:
-            use_write_ahead_log(target.uri)
-            _listen_for_sqlite_connections()
+            _prepare_sqlite_store(target.uri)
         try:
             self.client = MlflowClient(tracking_uri=target.uri)
         except Exception as exc:  # MLflow refuses a scheme it has no store for, with a long message
@@ -267,9 +274,6 @@ class Tracker:
         logged = self.metric_history(run_id, key)
         now = int(time.time() * 1000)
         return [(epoch, now, metrics) for epoch, metrics in enumerate(history, start=1) if epoch not in logged]
-
-    def log_epoch(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-        self.log_epochs(run_id, [(step, int(time.time() * 1000), metrics)])
 
     def log_epochs(self, run_id: str, epochs: Sequence[EpochMetrics], params: Mapping[str, str] | None = None) -> None:
         """Several epochs' metrics (and the trial's params, when not yet logged) in one write."""

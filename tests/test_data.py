@@ -146,7 +146,8 @@ def test_images_resize_to_the_asked_size() -> None:
     assert fake.x_train.shape[1:] == (3, 12, 12) and fake.num_outputs == 3
 
 
-def _write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: tuple[int, int] = (20, 14)) -> None:
+def write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: tuple[int, int] = (20, 14)) -> None:
+    """``classes`` folders ``class<c>`` of ``per_class`` random PNGs ``<i>.png`` of ``size`` (width, height)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -159,7 +160,7 @@ def _write_image_folder(root: Path, classes: int = 2, per_class: int = 6, size: 
 
 
 def test_imagefolder_loads_from_root(tmp_path: Path) -> None:
-    _write_image_folder(tmp_path / "images")
+    write_image_folder(tmp_path / "images")
     split = load_dataset("imagefolder", 0.5, 0, DataSpec(root=str(tmp_path / "images"), image_size=8,
                                                             test_fraction=0.0))
     assert split.x_train.shape == (6, 3, 8, 8) and split.x_val.shape == (6, 3, 8, 8) and split.num_outputs == 2
@@ -169,13 +170,20 @@ def test_imagefolder_loads_from_root(tmp_path: Path) -> None:
     assert "no class sub-folders" in str(DATASETS["imagefolder"].missing(DataSpec(root=str(tmp_path / "empty"))))  # type: ignore[misc]
 
 
-def test_dtd_loads_train_and_val_from_a_local_copy(tmp_path: Path) -> None:
-    data = tmp_path / "dtd" / "dtd"
-    _write_image_folder(data / "images", classes=2, per_class=6)
+def write_dtd_copy(root: Path, per_class: int, parts: dict[str, list[str]]) -> None:
+    """A local copy of DTD under ``root`` (as torchvision finds it): two classes of ``per_class`` images and
+    partition 1's lists, ``parts`` by split (train, val, test) naming ``class<c>/<i>.png`` files."""
+    data = root / "dtd" / "dtd"
+    write_image_folder(data / "images", classes=2, per_class=per_class)
     (data / "labels").mkdir()
-    (data / "labels" / "train1.txt").write_text("class0/0.png\nclass0/1.png\nclass1/0.png\nclass1/1.png\n")
-    (data / "labels" / "val1.txt").write_text("class0/2.png\nclass0/3.png\nclass1/2.png\nclass1/3.png\n")
-    (data / "labels" / "test1.txt").write_text("class0/4.png\nclass0/5.png\nclass1/4.png\nclass1/5.png\nclass1/3.png\n")
+    for split, files in parts.items():
+        (data / "labels" / f"{split}1.txt").write_text("".join(f + "\n" for f in files))
+
+
+def test_dtd_loads_train_and_val_from_a_local_copy(tmp_path: Path) -> None:
+    write_dtd_copy(tmp_path, 6, {"train": ["class0/0.png", "class0/1.png", "class1/0.png", "class1/1.png"],
+                                 "val": ["class0/2.png", "class0/3.png", "class1/2.png", "class1/3.png"],
+                                 "test": ["class0/4.png", "class0/5.png", "class1/4.png", "class1/5.png", "class1/3.png"]})
     split = load_dataset("dtd", 0.5, 0, DataSpec(root=str(tmp_path), image_size=8))
     assert split.x_train.shape == (4, 3, 8, 8) and split.num_outputs == 2
     # The official test split, not a share of train and val: its own five images.

@@ -14,16 +14,11 @@ import sbsearch.data
 from sbsearch.data import DataSpec, Split, load_dataset
 from sbsearch.errors import SpecError
 from sbsearch.spec import parse_spec
+from tests.test_data import write_dtd_copy, write_image_folder
 
 
 def _write_folder(root: Path, classes: int = 3, per_class: int = 10) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    write_image_folder(root, classes, per_class, size=(12, 10))
 
 
 @pytest.fixture
@@ -140,12 +135,8 @@ def test_a_read_only_root_caches_under_the_user_cache_folder(tmp_path: Path, mon
 
 
 def test_a_torchvision_set_from_a_local_copy_is_decoded_once(tmp_path: Path, decodes: list[int]) -> None:
-    data = tmp_path / "dtd" / "dtd"
-    _write_folder(data / "images", classes=2, per_class=4)
-    (data / "labels").mkdir()
-    (data / "labels" / "train1.txt").write_text("class0/0.png\nclass1/0.png\n")
-    (data / "labels" / "val1.txt").write_text("class0/1.png\nclass1/1.png\n")
-    (data / "labels" / "test1.txt").write_text("class0/2.png\nclass1/2.png\nclass1/3.png\n")
+    write_dtd_copy(tmp_path, 4, {"train": ["class0/0.png", "class1/0.png"], "val": ["class0/1.png", "class1/1.png"],
+                                 "test": ["class0/2.png", "class1/2.png", "class1/3.png"]})
     first = load_dataset("dtd", 0.5, 0, DataSpec(root=str(tmp_path), image_size=8))
     assert decodes == [2, 2, 3]  # train, val, test
     second = load_dataset("dtd", 0.5, 0, DataSpec(root=str(tmp_path), image_size=8))

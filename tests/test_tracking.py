@@ -30,8 +30,8 @@ def test_a_trial_has_one_run_with_its_epochs_final_metrics_and_state(target: Tra
     parent = tracker.start_sweep("demo", {"name": "demo"}, sweep_key="demo@/out")
     run = tracker.start_trial(parent, 3, {"expansion.factor": 2}, "trial-003 K=2")
     assert tracker.start_trial(parent, 3, {"expansion.factor": 2}, "trial-003 K=2") == run  # an attempt again: same run
-    for epoch, acc in enumerate([0.5, 0.7], start=1):
-        tracker.log_epoch(run, epoch, {"val_accuracy": acc})
+    tracker.log_epochs(run, [(1, 1000, {"val_accuracy": 0.5})])
+    tracker.log_epochs(run, [(2, 2000, {"val_accuracy": 0.7})])
     tracker.end_trial(run, "PRUNED", {"val_accuracy": 0.7, "duration_s": 1.5}, {"sbsearch.reason": "median"})
     assert tracker.metric_history(run, "val_accuracy") == {1: 0.5, 2: 0.7}
     stored = MlflowClient(target.uri).get_run(run)
