@@ -13,16 +13,25 @@ read that file instead of decoding every image again.
 The test split is held out of the search: the trainer measures it once, at the end of a trial that
 ran every epoch, and only the configurations chosen on validation are ever shown with it. Built-in
 and scikit-learn sets carve it out by ``test_fraction`` (stratified, fixed by the seed, disjoint from
-train and validation); torchvision sets use their official test split; function sets use a dense grid
-of their own, offset from the validation grid.
+train and validation); torchvision sets use their official test split; function and PDE sets use a
+dense grid of their own, offset from the validation grid.
 
 Registered data sets (``DATASETS``):
 
 - ``digits``: scikit-learn's 1797 8x8 handwritten digits, (1, 8, 8) images, 10 classes.
+- ``digits_c4``, ``digits_d4``: the same digits, labels and split, with every image (train, validation
+  and test) turned by a random multiple of 90 degrees (``digits_d4``: and mirrored left-right at random),
+  one element of C4 (D4) per image fixed by the seed: data that carries the symmetry an equivariant
+  network builds in. 6 and 9 (and 2 and 5) keep their own classes: a strong classifier still tells them
+  apart (see ``_load_turned_digits``).
 - ``iris``, ``wine``, ``breast_cancer``: scikit-learn's tabular sets as vectors of 4, 13 and 30
   features (standardised per feature by ``prepare``), 3, 3 and 2 classes.
 - ``fn_smooth``, ``fn_highfreq``, ``fn_step``, ``fn_abs``: 1-D function approximation (regression,
   mean squared error) on ``domain``; see ``FUNCTIONS``.
+- ``pde_poisson``, ``pde_heat``: physics-informed networks (``sbsearch.pde``): the 1-D Poisson equation
+  on ``domain`` and the heat equation on ``domain`` squared, inputs x or (x, t). Trained on the PDE's
+  residual and its boundary and initial conditions only (``Split.train_objective``), never on the
+  solution; validated and tested, as regression, by the mean squared error against the exact solution.
 - ``cifar10``, ``cifar100``, ``fgvc_aircraft``, ``dtd``: torchvision sets from a local ``root``
   (downloaded there only when asked), images resized to ``image_size``.
 - ``imagefolder``: one sub-folder of images per class under ``root``.
@@ -47,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from sbsearch.errors import spec_field as _f  # short: every field of DataSpec is declared with it
+from sbsearch.group_conv import act_on_image_batch, get_group
+from sbsearch.pde import PROBLEMS, Objective, collocation_points, evaluation_points, pinn_objective
 from sbsearch.strategies import InputTransform, Settings, input_transforms
 
 __all__ = ["DATASETS", "FUNCTIONS", "OBJECTIVES", "DataSpec", "DatasetInfo", "Split", "augmentation", "input_pipeline",
@@ -84,6 +95,12 @@ class Split:
     ``augment`` holds the data's own augmentation (``augmentation``): ``symmetry`` steps the trainer runs
     on every training batch before the strategies' (set only together with ``train_pipeline``).
     Validation and test inputs are always fully prepared.
+
+    ``train_objective``, when set, is the data's own training loss, used in place of the task loss:
+    ``train_objective(net, x, pipeline)`` gets the replicas (R, B, out), a batch of raw training inputs and
+    the pipeline still owed to them (it differentiates through it: the PDE sets' residuals), and returns
+    the loss summed over replicas. It reads no target, and ``y_train`` holds none (zeros, the residual's
+    aim); ``prepare_inputs`` then always leaves the training inputs raw.
     """
 
     name: str
@@ -99,6 +116,7 @@ class Split:
     y_test: torch.Tensor | None = None
     train_pipeline: Callable[[torch.Tensor], torch.Tensor] | None = None
     augment: tuple[InputTransform, ...] = ()
+    train_objective: Objective | None = None
 
     @property
     def input_kind(self) -> str:
@@ -126,8 +144,8 @@ class DataSpec:
                                    "sweep chooses on it", ("must be in (0, 1)", lambda x: 0 < x < 1))
     test_fraction: float = _f(0.2, "share of the data held out as the test split (stratified, fixed by seed, disjoint "
                                    "from train and validation), which only measures the configurations chosen on "
-                                   "validation; torchvision sets use their official test split and fn_* sets a dense "
-                                   "grid of their own (0 = no test split)",
+                                   "validation; torchvision sets use their official test split and fn_* and pde_* sets "
+                                   "a dense grid of their own (0 = no test split)",
                               ("must be in [0, 1)", lambda x: 0 <= x < 1))
     batch_size: int = _f(64, "training batch size", ("must be >= 1", lambda x: x >= 1))
     normalize: bool = _f(True, "standardise inputs with the training set's per-channel mean and std")
@@ -138,11 +156,15 @@ class DataSpec:
                                             "64 for fgvc_aircraft, dtd and imagefolder, 32 for fakedata)",
                                       ("must be >= 4", lambda x: x >= 4))
     domain: tuple[float, float] = _f((-1.0, 1.0), "input interval [low, high] of the fn_* function data sets "
-                                                  "(pi, 2pi, pi/2 allowed)",
+                                                  "and of every coordinate of the pde_* sets (pi, 2pi, pi/2 "
+                                                  "allowed)",
                                      ("must have low < high", lambda x: x[0] < x[1]))
-    sampling: str = _f("grid", "training points of the fn_* data sets: evenly spaced (grid) or uniformly random",
+    sampling: str = _f("grid", "training points of the fn_* data sets and interior collocation points of the "
+                               "pde_* sets: evenly spaced (grid) or uniformly random",
                        choices=lambda: ("grid", "random"))
-    points: int = _f(100, "training points of the fn_* data sets (they validate on 1000 points across the domain)",
+    points: int = _f(100, "training points of the fn_* data sets (they validate on 1000 points across the "
+                          "domain); interior collocation points of the pde_* sets (pde_heat: the nearest square "
+                          "grid under sampling: grid, and grid side + 2 points on each edge)",
                      ("must be >= 2", lambda x: x >= 2))
     fake_samples: int = _f(512, "images of the fakedata set", ("must be >= 2", lambda x: x >= 2))
     fake_classes: int = _f(10, "classes of the fakedata set", ("must be >= 2", lambda x: x >= 2))
@@ -182,6 +204,9 @@ class DatasetInfo:
     image_side: int | None = None  # the side of its square images when ``image_size`` is unset
     channels: int = 3
     own_test_split: bool = False  # an official test split (or a grid of its own), not ``test_fraction`` of the data
+    # Trains on a PDE's residual (``Split.train_objective``): second derivatives of the network with respect to
+    # its inputs, then their gradient, which no layer may couple across a batch or lack (batch normalisation).
+    physics_informed: bool = False
 
     def image_shape(self, options: DataSpec) -> tuple[int, int, int] | None:
         """(channels, height, width) of one input image, known without loading (``None`` for vectors)."""
@@ -259,13 +284,48 @@ def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
-def _load_digits(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
+def _digits() -> tuple[torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    return _classification_split("digits", _resize(x, options.image_size), np.asarray(bunch.target), 10,
-                                 val_fraction, seed, options.test_fraction)
+    return x, np.asarray(bunch.target)
+
+
+def _load_digits(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
+    x, digit = _digits()
+    return _classification_split("digits", _resize(x, options.image_size), digit, 10, val_fraction, seed,
+                                 options.test_fraction)
+
+
+def _load_turned_digits(group: Literal["c4", "d4"]) -> Loader:
+    """``digits_c4`` / ``digits_d4``: the digits with every image (train, validation and test) transformed by
+    a random element of ``group``, so that the data carries the symmetry an equivariant network builds in.
+
+    The labels stay the ten digits, although a 6 turned by 180 degrees looks like a 9 (and, mirrored, a 2
+    like a 5): in these digits the turned 6s and 9s are still told apart by their strokes. An RBF SVM
+    trained on every group transform of the training images (C=10, validation 25%, seeds 0-4, 2250
+    validation images in all) confused 6 and 9 on 2 of 450 (0.4%) of digits_c4, where merging them would
+    have raised accuracy from 98.6% to 98.7% only (the same SVM on plain digits: 99.2%); its most confused
+    pair under C4 was 5 and 9 (9 of 455, 2.0%). Under D4 the most confused pair is 2 and 5, 12 of 450
+    (2.7%; accuracy 97.4%, 98.0% with them merged): not indistinguishable either. Merging would remove a
+    distinction the data does make, and the labels would no longer be plain digits'; kept, the two sets
+    have the same labels and, for a seed, the same split as ``digits``, so results compare image for image.
+    """
+
+    def load(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
+        x, digit = _digits()
+        # One group element per image, in load_digits' order, from a generator of the loader's own: the
+        # same seed turns every image the same way, whatever the fractions, and draws nothing globally.
+        generator = torch.Generator().manual_seed(seed)
+        elements = torch.randint(get_group(group).order, (len(x),), generator=generator)  # (1797,)
+        x = act_on_image_batch(group, elements, x)  # rot90 (after a left-right mirror, for d4) of 8x8: exact
+        # Turned at 8x8, then resized: the square resize commutes with the turns, so this order only saves work.
+        # Stratified by digit with the same seed as plain digits: the same images are held out.
+        return _classification_split(f"digits_{group}", _resize(x, options.image_size), digit, 10, val_fraction,
+                                     seed, options.test_fraction)
+
+    return load
 
 
 def _tabular(name: str) -> Loader:
@@ -315,7 +375,8 @@ offset of the input the network sees, which is what decides whether constant inp
 
 VALIDATION_POINTS = 1000
 """Function sets validate on this many evenly spaced points across the whole domain, and test on as many
-points halfway between them (a grid of its own: no test point is a validation or grid training point)."""
+points halfway between them (a grid of its own: no test point is a validation point; a grid of training
+points that includes t = 0.5, an odd ``points``, shares that one point with it, of 999)."""
 
 
 def _function(name: str) -> Loader:
@@ -350,6 +411,42 @@ def _function(name: str) -> Loader:
             std=torch.ones(1),
             x_test=inputs(t_test) if options.test_fraction > 0 else None,
             y_test=f(t_test).to(torch.float32).unsqueeze(1) if options.test_fraction > 0 else None,
+        )
+
+    return load
+
+
+def _pde(name: str) -> Loader:
+    problem = PROBLEMS[name]
+
+    def load(val_fraction: float, seed: int, options: DataSpec = DataSpec()) -> Split:
+        # As for the function sets, val_fraction is not used: validation and test are dense grids of their own.
+        low, high = options.domain
+        t_train = collocation_points(problem, options.points, options.sampling, seed)  # (N, D) in [0, 1]^D
+        t_val, t_test = evaluation_points(problem)
+
+        def inputs(t: torch.Tensor) -> torch.Tensor:
+            return (low + (high - low) * t).to(torch.float32)  # (N, D)
+
+        def solution(t: torch.Tensor) -> torch.Tensor:
+            return problem.solution(t).to(torch.float32).unsqueeze(1)  # (N, 1)
+
+        test = options.test_fraction > 0
+        return Split(
+            name=name,
+            x_train=inputs(t_train),
+            # The residual's aim, 0 at every collocation point: the objective reads no target, and the
+            # exact solution, which nothing may train on, is not here to leak.
+            y_train=torch.zeros(t_train.shape[0], 1),
+            x_val=inputs(t_val),
+            y_val=solution(t_val),
+            task="regression",
+            num_outputs=1,
+            mean=torch.zeros(problem.dims),  # the domain is the point, as for the function sets
+            std=torch.ones(problem.dims),
+            x_test=inputs(t_test) if test else None,
+            y_test=solution(t_test) if test else None,
+            train_objective=pinn_objective(problem, (low, high), options.points),
         )
 
     return load
@@ -656,12 +753,22 @@ def _load_fakedata(val_fraction: float, seed: int, options: DataSpec = DataSpec(
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(_load_digits, "classification", "image", "scikit-learn 8x8 digits, 10 classes",
                           image_side=8, channels=1),
+    "digits_c4": DatasetInfo(_load_turned_digits("c4"), "classification", "image",
+                             "scikit-learn 8x8 digits, each turned by a random multiple of 90 degrees (fixed by the "
+                             "seed); 10 classes: turned 6s and 9s stay apart (0.4% confused by a strong classifier)",
+                             image_side=8, channels=1),
+    "digits_d4": DatasetInfo(_load_turned_digits("d4"), "classification", "image",
+                             "scikit-learn 8x8 digits, each mirrored at random and turned by a random multiple of 90 "
+                             "degrees (fixed by the seed); 10 classes (2 and 5, the closest pair, 2.7% confused)",
+                             image_side=8, channels=1),
     "iris": DatasetInfo(_tabular("iris"), "classification", "vector", "scikit-learn iris: 4 features, 3 classes"),
     "wine": DatasetInfo(_tabular("wine"), "classification", "vector", "scikit-learn wine: 13 features, 3 classes"),
     "breast_cancer": DatasetInfo(_tabular("breast_cancer"), "classification", "vector",
                                  "scikit-learn breast cancer: 30 features, 2 classes"),
     **{name: DatasetInfo(_function(name), "regression", "vector", doc, own_test_split=True)
        for name, (_, doc) in FUNCTIONS.items()},
+    **{name: DatasetInfo(_pde(name), "regression", "vector", problem.doc, own_test_split=True, physics_informed=True)
+       for name, problem in PROBLEMS.items()},
     "cifar10": DatasetInfo(_load_cifar("cifar10"), "classification", "image", "CIFAR-10 from data.root",
                            needs_root=True, missing=_torchvision_missing("cifar10"), image_side=32, own_test_split=True),
     "cifar100": DatasetInfo(_load_cifar("cifar100"), "classification", "image", "CIFAR-100 from data.root",
@@ -791,10 +898,13 @@ def prepare_inputs(split: Split, steps: Sequence[InputTransform], normalize: boo
             Validation and test inputs are prepared here either way.
         augment: the data's own augmentation (``augmentation``), kept in ``Split.augment`` for the trainer
             to run first on each training batch; it defers the training inputs, so it sees them raw.
+
+    A split with a training objective of its own (``Split.train_objective``) always defers its training
+    inputs: the objective differentiates through the pipeline with respect to the raw inputs.
     """
     pipeline = input_pipeline(split, steps, normalize)
     test = None if split.x_test is None else pipeline(split.x_test).contiguous()
-    if defer_train or augment:
+    if defer_train or augment or split.train_objective is not None:
         return replace(split, x_val=pipeline(split.x_val).contiguous(), x_test=test, train_pipeline=pipeline,
                        augment=tuple(augment))
     return replace(split, x_train=pipeline(split.x_train).contiguous(), x_val=pipeline(split.x_val).contiguous(),

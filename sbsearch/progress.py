@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sbsearch.backends.base import TrialView
+from sbsearch.logs import metric_text
 
 __all__ = ["SweepDisplay", "top_table", "format_duration"]
 
@@ -57,7 +58,7 @@ class SweepDisplay:
         new = [v for v in finished if v.number not in self.seen_finished]
         for v in sorted(new, key=lambda v: v.number):
             self.seen_finished.add(v.number)
-            value = "-" if v.value is None else f"{v.value:.4f}"
+            value = "-" if v.value is None else metric_text(v.value)
             self.console.print(f"trial {v.number:>3} {v.state:<8} {self.metric}={value} epochs={v.epoch}  {v.label}",
                                highlight=False, soft_wrap=True)
         if new:
@@ -71,7 +72,7 @@ class SweepDisplay:
         remaining = max(self.budget - len(finished), 0)
         eta = format_duration(elapsed / done_now * remaining) if done_now else "?"
         best = _best(views, self.direction)
-        best_text = f"best {self.metric} {best.value:.4f} (trial {best.number})" if best and best.value is not None else "best -"
+        best_text = f"best {self.metric} {metric_text(best.value)} (trial {best.number})" if best and best.value is not None else "best -"
         return (f"{len(finished)}/{self.budget} finished · {counts['COMPLETE']} complete · {counts['PRUNED']} pruned · "
                 f"{counts['FAIL']} failed · {running} running · {best_text} · elapsed {format_duration(elapsed)} · ETA {eta}")
 
@@ -82,7 +83,7 @@ class SweepDisplay:
         recent = [v for v in views if v.state == "RUNNING"] + sorted(finished, key=lambda v: -v.number)[:8]
         for v in recent:
             style = {"RUNNING": "cyan", "PRUNED": "yellow", "FAIL": "red"}.get(v.state, "")
-            table.add_row(str(v.number), Text(v.state, style=style), "-" if v.value is None else f"{v.value:.4f}",
+            table.add_row(str(v.number), Text(v.state, style=style), "-" if v.value is None else metric_text(v.value),
                           str(v.epoch), v.label)
         return Group(Text(self._status_line(views, finished), style="bold"), table)
 
@@ -113,8 +114,8 @@ def top_table(rows: Sequence[dict[str, Any]], metric: str, columns: Sequence[str
         test = []
         if test_metric is not None:
             value, spread = row.get(test_metric), row.get(test_metric + "_std")
-            test = ["" if value is None else f"{value:.4f}" + ("" if spread is None else f" ± {spread:.4f}")]
-        table.add_row(str(row["number"]), f"{row[metric]:.4f}", *test, str(row["epochs_run"]), f"{row['seconds']:.1f}",
+            test = ["" if value is None else metric_text(value) + ("" if spread is None else f" ± {metric_text(spread)}")]
+        table.add_row(str(row["number"]), metric_text(row[metric]), *test, str(row["epochs_run"]), f"{row['seconds']:.1f}",
                       *[_cell(row.get(c)) for c in columns])
     return table
 

@@ -19,9 +19,11 @@ Every rule judges a trial first at epoch ``max(1, warmup_epochs)`` and never wit
   Which end is worst is fixed (``low_is_good`` / ``high_is_good``) or ``learned``: the sign of the
   Spearman correlation between the score at the epoch and the final objective over completed trials,
   once it is significant (``p < alpha``, at least ``min_finished`` trials); until then ``fallback``.
-- ``combined``: a least-squares fit of the final objective on the objective and ``sb_score`` at the
-  epoch over completed trials predicts every trial that reached the epoch; a prediction in the worst
-  ``quantile`` stops the trial. Before ``min_finished`` completed trials, ``fallback``.
+- ``combined``: a least-squares fit of the final objective on the objective and the ``features`` at the
+  epoch (``sb_score``, ``sb_drift``, both or none) over completed trials predicts every trial that
+  reached the epoch; a prediction in the worst ``quantile`` stops the trial. A feature the trial did
+  not log (``sb_score`` with one replica) is left out of its fit, and peers that lack a feature the
+  fit uses are left out of it. Before ``min_finished`` completed trials with every feature, ``fallback``.
 """
 
 from __future__ import annotations
@@ -299,20 +301,26 @@ def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CombinedRule(PruningRule):
-    """Predict the final objective from the objective and ``sb_score`` at the epoch (least squares over
-    completed trials) and stop a trial whose prediction is in the worst ``quantile`` of the predictions
-    for the trials that reached the epoch. Without ``sb_score`` (one replica), or with ``use_score`` off
-    (the control that shows what the score adds), it fits the objective alone."""
+    """Predict the final objective from the objective and the ``features`` at the epoch (least squares
+    over completed trials) and stop a trial whose prediction is in the worst ``quantile`` of the
+    predictions for the trials that reached the epoch.
+
+    ``features`` are metric names: ``sb_score`` (replicas against each other), ``sb_drift`` (each replica
+    against its own initialisation). With none, the objective alone: the control that shows what they
+    add. A feature this trial did not log (``sb_score`` with one replica) is left out of its fit, and the
+    reason says so.
+    """
 
     quantile: float = 0.5
     fallback: str = "median"
     min_finished: int = 5
-    use_score: bool = True
+    features: tuple[str, ...] = (SCORE,)
 
     def judge(self, epoch: int, metrics: Mapping[str, float], peers: Sequence[PeerTrial], number: int) -> str | None:
-        keys = [self.metric, SCORE] if self.use_score and _finite(metrics.get(SCORE)) else [self.metric]
-        if not all(_finite(metrics.get(k)) for k in keys):
+        if not _finite(metrics.get(self.metric)):
             return None
+        absent = [k for k in self.features if not _finite(metrics.get(k))]
+        keys = [self.metric, *(k for k in self.features if k not in absent)]
 
         def features(p: PeerTrial) -> list[float] | None:
             values = [p.at(epoch, k) for k in keys]
@@ -333,9 +341,10 @@ class CombinedRule(PruningRule):
         mine = predict([float(metrics[k]) for k in keys])
         if _in_worst(mine, reached, self.direction == "maximize", self.quantile):
             terms = " ".join(f"{c:+.3g}*{k}" for c, k in zip(coef[1:], keys))
+            without = f"; without {', '.join(absent)}, which this trial did not log" if absent else ""
             return (f"combined: predicted final {self.metric}={mine:.4g} from epoch {epoch} is in the worst "
                     f"{self.quantile:.0%} of {len(reached)} trials that reached it (fit on {len(done)} completed "
-                    f"trials: {coef[0]:.3g} {terms})")
+                    f"trials: {coef[0]:.3g} {terms}{without})")
         return None
 
 
@@ -352,7 +361,7 @@ PRUNERS: dict[str, type[PruningRule]] = {
 def make_rule(name: str, metric: str, direction: str, warmup_epochs: int, *, epochs: int = 10,
               reduction_factor: int = 3, quantile: float = 0.5, score_direction: str = "learned",
               fallback: str = "median", alpha: float = 0.05, min_finished: int = 5,
-              combined_score: bool = True) -> PruningRule:
+              combined_features: Sequence[str] = (SCORE,)) -> PruningRule:
     """The rule ``name`` of ``PRUNERS`` with the options it takes (the others are ignored).
 
     Example:
@@ -369,7 +378,7 @@ def make_rule(name: str, metric: str, direction: str, warmup_epochs: int, *, epo
                                fallback=fallback, alpha=alpha, min_finished=min_finished)
     if cls is CombinedRule:
         return CombinedRule(metric, direction, warmup_epochs, quantile=quantile, fallback=fallback,
-                            min_finished=min_finished, use_score=combined_score)
+                            min_finished=min_finished, features=tuple(combined_features))
     return cls(metric, direction, warmup_epochs)
 
 
@@ -379,4 +388,4 @@ def rule_for(spec: Spec, metric: str, direction: str) -> PruningRule:
     return make_rule(s.pruner, metric, direction, s.warmup_epochs, epochs=spec.train.epochs,
                      reduction_factor=s.reduction_factor, quantile=s.prune_quantile,
                      score_direction=s.score_direction, fallback=s.fallback, alpha=s.alpha,
-                     min_finished=s.min_finished, combined_score=s.combined_score)
+                     min_finished=s.min_finished, combined_features=s.combined_features)

@@ -25,6 +25,7 @@ import torch
 
 from sbsearch.data import DATASETS, Split
 from sbsearch.errors import Problem, SpecError
+from sbsearch.logs import metric_text
 from sbsearch.space import TrialConfig, sample_config
 from sbsearch.spec import Spec
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
@@ -159,7 +160,7 @@ def format_ranking(ranking: Ranking) -> str:
     """The ranking as a markdown table with a line on how to read it."""
     lines = [f"| rank | configuration | sb_score | {ranking.metric} | seconds |", "|---:|---|---:|---:|---:|"]
     for i, r in enumerate(ranking.rows, 1):
-        lines.append(f"| {i} | {r.label or '(fixed)'} | {r.score:.4f} | {r.metric:.4f} | {r.seconds:.1f} |")
+        lines.append(f"| {i} | {r.label or '(fixed)'} | {r.score:.4f} | {metric_text(r.metric)} | {r.seconds:.1f} |")
     rho = "n/a" if math.isnan(ranking.spearman) else f"{ranking.spearman:+.2f}"
     lines += ["", (f"{ranking.replicas} replicas, {ranking.steps} steps on {ranking.subset:.0%} of the training data; "
                    f"{'high' if ranking.high_first else 'low'} sb_score first; Spearman(sb_score, {ranking.metric}) = {rho}.")]

@@ -18,15 +18,24 @@ R separate models and eval mode reads them per replica (the tests compare agains
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Sequence
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["ReplicaStack"]
+__all__ = ["ModeChoice", "ReplicaStack", "choose_replica_mode", "time_replica_modes"]
 
 _log = logging.getLogger(__name__)
 
@@ -193,3 +202,118 @@ def _why_not_batchable(model: nn.Module) -> str | None:
             # Unregistered tensors are not stacked, so every replica would share models[0]'s.
             return f"{label} holds unregistered tensors {plain_tensors}"
     return None
+
+
+# --- batched or sequential: the faster, measured once per machine and configuration -----------------
+
+MEASURED_STEPS = 3
+"""Timed training steps per mode (after one untimed step each), alternated between the modes so that a
+machine that slows down or speeds up meanwhile weighs on both alike; the median of each is compared."""
+
+LONG_STEP_SECONDS = 5.0
+"""A warm-up step longer than this (a large model on a CPU) cuts the timed steps to one per mode."""
+
+
+def replica_modes_file() -> Path:
+    """Where the measured choices are kept: ``$XDG_CACHE_HOME/sbsearch/replica_modes.json``
+    (``~/.cache/sbsearch``), beside the decoded-image cache's default folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sbsearch" / "replica_modes.json"
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """How a trial's replicas run, and the measurement that chose it (None when nothing was measured)."""
+
+    mode: str  # "batched" or "sequential"
+    batched_seconds: float | None = None  # one training step of every replica, median
+    sequential_seconds: float | None = None
+    measured_now: bool = False  # False: read from the file, measured earlier on this machine
+
+
+def time_replica_modes(models: Sequence[nn.Module], step: Callable[[ReplicaStack], None],
+                       synchronize: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter,
+                       steps: int = MEASURED_STEPS) -> dict[str, float]:
+    """Seconds per training step of R replicas run batched and run one after another (median of ``steps``).
+
+    ``step(stack)`` runs one training step (forward, loss, backward, optimiser step) on ``stack``. It runs on
+    copies of ``models`` under a forked random state, so the models, their BatchNorm statistics and the
+    random streams the training draws from are as they were. ``clock``: wall time between ``synchronize()``
+    calls for a GPU; the process's CPU time for the CPU, which other processes on a shared machine do not
+    stretch (they stretch its wall time at random, and could tip the choice).
+    """
+    with torch.random.fork_rng(devices=[] if not torch.cuda.is_initialized() else None):  # type: ignore[no-untyped-call]
+        copies = [copy.deepcopy(model) for model in models]
+        stacks = {"batched": ReplicaStack(copies, batched=True), "sequential": ReplicaStack(copies, batched=False)}
+        if not stacks["batched"].batched:
+            return {}
+        times: dict[str, list[float]] = {mode: [] for mode in stacks}
+
+        def timed(mode: str) -> float:
+            synchronize()
+            start = clock()
+            step(stacks[mode])
+            synchronize()
+            return clock() - start
+
+        warm = max(timed("batched"), timed("sequential"))
+        for _ in range(1 if warm > LONG_STEP_SECONDS else steps):
+            for mode in stacks:
+                times[mode].append(timed(mode))
+    return {mode: statistics.median(seconds) for mode, seconds in times.items()}
+
+
+def choose_replica_mode(key: Mapping[str, object], measure: Callable[[], dict[str, float]],
+                        path: Path | None = None) -> ModeChoice:
+    """The faster way to run these replicas, as measured by ``measure()`` the first time this machine met
+    ``key`` (the model, input, batch, replicas, optimiser, precision, device and PyTorch version), and read back
+    from ``path`` every later time, by every process: a sweep's trials of one configuration, and a rerun of
+    the sweep, then run their replicas the same way.
+
+    Measuring and writing happen under a lock on the file, so two workers that meet a new configuration at
+    once measure it once. An unwritable file leaves the choice to this process alone.
+    """
+    path = path or replica_modes_file()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 - held until the choice is on disk
+    except OSError as error:
+        _log.warning("cannot keep replica-mode measurements in %s (%s): measuring for this process only", path, error)
+        return _measured_choice(measure)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = _read_choices(path)
+        if digest in known:
+            entry = known[digest]
+            return ModeChoice(str(entry["mode"]), entry.get("batched_seconds"), entry.get("sequential_seconds"))
+        choice = _measured_choice(measure)
+        known[digest] = {**{k: v for k, v in asdict(choice).items() if k != "measured_now"}, "key": dict(key)}
+        _write_choices(path, known)
+        return choice
+
+
+def _measured_choice(measure: Callable[[], dict[str, float]]) -> ModeChoice:
+    seconds = measure()
+    if not seconds:
+        return ModeChoice("sequential", measured_now=True)
+    mode = "sequential" if seconds["sequential"] < seconds["batched"] else "batched"
+    _log.info("replicas run %s here: %.4g s per step batched, %.4g s sequential", mode, seconds["batched"],
+              seconds["sequential"])
+    return ModeChoice(mode, seconds["batched"], seconds["sequential"], measured_now=True)
+
+
+def _read_choices(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_choices(path: Path, known: dict[str, dict[str, Any]]) -> None:
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
+            json.dump(known, tmp, indent=1, sort_keys=True, default=str)
+        os.replace(tmp.name, path)
+    except OSError as error:
+        _log.warning("cannot write replica-mode measurements to %s: %s", path, error)

@@ -84,8 +84,8 @@ class TrainSpec:
                                 "losses stay unsmoothed)", ("must be in [0, 1)", lambda x: 0 <= x < 1))
     precision: str = _f("fp32", "arithmetic of the forward pass (torch.autocast; parameters, losses and metrics stay "
                         "fp32): fp32; bf16; fp16 (CUDA only, with a gradient scaler and a fused optimiser). On the "
-                        "CPU, PyTorch's autocast does not reach convolutions inside the batched replica stack "
-                        "(replicas >= 2): they stay fp32 there",
+                        "CPU, PyTorch's autocast does not reach convolutions inside batched replicas (replicas >= 2 "
+                        "and replica_mode batched): they stay fp32 there",
                         choices=lambda: ("fp32", "bf16", "fp16"))
     channels_last: bool = _f(False, "image data: models and inputs in torch.channels_last memory format (faster "
                              "convolutions on GPUs)")
@@ -94,6 +94,14 @@ class TrainSpec:
     replicas: int = _f(3, "models per trial that differ only in their initialisation seed, trained together; the trial's "
                           "metric is their mean, and sb_score compares their weights (needs 2 or more)",
                        ("must be between 1 and 16", lambda x: 1 <= x <= 16))
+    replica_mode: str = _f("auto", "how a trial's replicas train: batched (one torch.func.vmap pass over their stacked "
+                           "parameters), sequential (one model after another), or auto: the faster of the two for the "
+                           "trial's model, input, batch, optimiser, precision and device, timed over a few training steps "
+                           "the first time this machine meets that combination and remembered in "
+                           "$XDG_CACHE_HOME/sbsearch/replica_modes.json (~/.cache), so every trial and rerun of it runs "
+                           "the same way. Each way trains every replica as if alone; they differ in float rounding and "
+                           "dropout masks. L-BFGS, and models that cannot be batched, run sequentially",
+                           choices=lambda: ("auto", "batched", "sequential"))
     score_layers: Union[str, None] = _f(None, "regular expression choosing the weights sb_score compares "
                                               "(null = every weight that connects units: conv, linear and group-conv weights; biases and norm "
                                               "parameters excluded)",
@@ -165,8 +173,8 @@ class SearchSpec:
                      "the median of completed trials at that epoch); successive_halving or hyperband (keep the best "
                      "1/reduction_factor at rungs warmup*reduction_factor^k); wasserstein (sb_score in the worst "
                      "prune_quantile of the trials that reached the epoch, see score_direction); combined (the final "
-                     "metric predicted from the metric and sb_score by least squares over completed trials, in the "
-                     "worst prune_quantile); asha or ray_hyperband: Ray Tune's schedulers (search.backend: ray)",
+                     "metric predicted from the metric and combined_features by least squares over completed trials, "
+                     "in the worst prune_quantile); asha or ray_hyperband: Ray Tune's schedulers (search.backend: ray)",
                      choices=lambda: PRUNER_NAMES)
     warmup_epochs: int = _f(2, "epochs every trial runs before it may be pruned", ("must be >= 0", lambda x: x >= 0))
     prune_quantile: float = _f(0.5, "wasserstein, combined: stop a trial in this worst share of the trials that reached "
@@ -182,8 +190,13 @@ class SearchSpec:
                       ("must be in (0, 1)", lambda x: 0 < x < 1))
     min_finished: int = _f(5, "wasserstein, combined: completed trials needed to learn the direction or fit",
                            ("must be >= 3", lambda x: x >= 3))
-    combined_score: bool = _f(True, "combined: fit on sb_score as well as the metric (false: the metric alone, the "
-                              "control that shows what the score adds)")
+    combined_features: tuple[str, ...] = _f(("sb_score",), "combined: the metrics fitted beside the objective: "
+                                            "sb_score (the replicas against each other; a trial with one replica has "
+                                            "none and is fitted without it), sb_drift (each replica against its own "
+                                            "initialisation); [] = the objective alone, the control that shows what "
+                                            "they add. Replaces combined_score (true is [sb_score], false is [])",
+                                            ("must not name a metric twice", lambda x: len(set(x)) == len(x)),
+                                            choices=lambda: COMBINED_FEATURES)
     reduction_factor: int = _f(3, "successive_halving, hyperband: keep 1/reduction_factor of the trials at each rung",
                                ("must be >= 2", lambda x: x >= 2))
     timeout: Union[float, None] = _f(None, "stop starting new trials after this many seconds (null = no limit)",
@@ -215,6 +228,8 @@ class TrackingSpec:
 RAY_SCHEDULERS = ("asha", "ray_hyperband")
 # sbsearch.pruning.PRUNERS (backend-neutral rules, hyperband among them) and Ray's schedulers.
 PRUNER_NAMES: tuple[str, ...] = ("none", "median", "successive_halving", "hyperband", "wasserstein", "combined", *RAY_SCHEDULERS)
+# The metrics every trial logs after each epoch (sbsearch.trainer) that the combined rule may fit on.
+COMBINED_FEATURES: tuple[str, ...] = ("sb_score", "sb_drift")
 
 
 @dataclass(frozen=True)
@@ -372,9 +387,11 @@ def _type_ok(tp: Any, value: Any) -> tuple[bool, Any, str]:
         if value is None:
             return True, None, ""
         tp = next(a for a in get_args(tp) if a is not type(None))
-    if get_origin(tp) is tuple and get_args(tp)[-1] is Ellipsis:  # a list of integers, such as search.devices
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        return ok, tuple(value) if ok else value, "a list of integers" + (" or null" if optional else "")
+    if get_origin(tp) is tuple and get_args(tp)[-1] is Ellipsis:  # integers (search.devices), names (combined_features)
+        item = get_args(tp)[0]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+        words = {int: "a list of integers", str: "a list of names"}[item]
+        return ok, tuple(value) if ok else value, words + (" or null" if optional else "")
     if get_origin(tp) is tuple:  # a fixed-length list of numbers, such as data.domain
         n = len(get_args(tp))
         ok, value = _number_pair(value, n)
@@ -414,9 +431,16 @@ def _parse_section(cls: type, raw: Any, path: str, problems: list[Problem], only
             problems.append(Problem(key_path, f"must be {words}", raw[name]))
             continue
         choices = f.metadata.get("choices")
-        if choices is not None and value not in choices():
-            problems.append(Problem(key_path, "must be a registered name", value, did_you_mean(value, choices())))
-            continue
+        if choices is not None:
+            allowed = choices()
+            # A list of names (search.combined_features) is checked name by name.
+            named = list(enumerate(value)) if isinstance(value, tuple) else [(None, value)]
+            wrong = [(i, v) for i, v in named if v not in allowed]
+            if wrong:
+                i, v = wrong[0]
+                problems.append(Problem(key_path if i is None else f"{key_path}[{i}]", "must be a registered name", v,
+                                        did_you_mean(v, allowed)))
+                continue
         rule = f.metadata.get("rule")
         if rule is not None and value is not None and not rule[1](value):
             problems.append(Problem(key_path, rule[0], value))
@@ -559,6 +583,7 @@ def _cross_checks(spec: Spec, input_kind: str, problems: list[Problem]) -> None:
     _train_checks(spec, input_kind, problems)
     _input_checks(spec, by_name, input_kind, problems)
     _augmentation_checks(spec, input_kind, problems)
+    _physics_checks(spec, by_name, problems)
     shape = DATASETS[spec.data.dataset].image_shape(spec.data)
     if not problems and shape is not None and spec.model.name in TORCHVISION_MODELS:  # needs a buildable model
         _input_size_checks(spec, shape, bases, by_name, problems)
@@ -702,6 +727,26 @@ def _augmentation_checks(spec: Spec, input_kind: str, problems: list[Problem]) -
                                 f"set {data.dataset!r})", data.augment_crop))
 
 
+def _physics_checks(spec: Spec, by_name: Mapping[str, ParamSpec], problems: list[Problem]) -> None:
+    """What a physics-informed data set's training cannot have: it differentiates the network twice with respect
+    to each point's coordinates and trains on that (``DatasetInfo.physics_informed``)."""
+    if not DATASETS[spec.data.dataset].physics_informed:
+        return
+    if "batch" in by_name["norm.kind"].extremes:
+        problems.append(Problem("space.norm.kind", "batch normalisation mixes the points of a batch and has no third "
+                                f"derivative, which data set {spec.data.dataset!r} trains on (a PDE residual's second "
+                                "derivatives, then their gradient); use none, layer or group", "batch"))
+    # The residual trains through double backward in fp32 on the uncompiled network: these keys would change only
+    # the evaluation, which is not what a user setting them asks for.
+    if spec.train.precision != "fp32":
+        problems.append(Problem("train.precision", f"must be fp32 on data set {spec.data.dataset!r}: its residual's "
+                                "second derivatives are trained in fp32 (reduced precision would blur them)",
+                                spec.train.precision))
+    if spec.train.compile:
+        problems.append(Problem("train.compile", f"must be false on data set {spec.data.dataset!r}: torch.compile "
+                                "cannot differentiate twice, which its residual needs", spec.train.compile))
+
+
 def _factors(p: ParamSpec) -> list[int]:
     """Every expansion factor a parameter can take (a range's integers too)."""
     if p.kind == "range":
@@ -813,6 +858,33 @@ def stage_config(section: Any, stage: Callable[..., Stage], **extra: Any) -> Sta
     return stage(**{**{f.name: getattr(section, f.name) for f in fields(section)}, **extra})
 
 
+# Keys a later version replaced: (section, old key) -> (the key that replaced it, what an old value means
+# there). A spec that still writes the old key validates, and a sweep it started resumes
+# (sbsearch.study.same_sweep_changes reads the stored spec through replace_old_keys).
+REPLACED_KEYS: dict[tuple[str, str], tuple[str, Callable[[bool], Any]]] = {
+    ("search", "combined_score"): ("combined_features", lambda on: ["sb_score"] if on else []),
+}
+
+
+def replace_old_keys(raw: Mapping[str, Any], problems: list[Problem] | None = None) -> Mapping[str, Any]:
+    """``raw`` (a spec as plain data) with each old key of ``REPLACED_KEYS`` written as the key that replaced
+    it; ``raw`` itself is left alone. An old key whose value is not true or false, or that comes with the
+    key that replaced it, is dropped and, given ``problems``, is one problem there."""
+    out = dict(raw)
+    for (section, old), (new, meaning) in REPLACED_KEYS.items():
+        keys = out.get(section)
+        if not isinstance(keys, Mapping) or old not in keys:
+            continue
+        value = keys[old]
+        out[section] = {k: v for k, v in keys.items() if k != old}
+        if isinstance(value, bool) and new not in keys:
+            out[section][new] = meaning(value)
+        elif problems is not None:
+            rule = "must be true or false" if not isinstance(value, bool) else f"was replaced by {new}: give only that key"
+            problems.append(Problem(f"{section}.{old}", rule, value))
+    return out
+
+
 def parse_spec(raw: Any) -> Spec:
     """Validate a spec given as plain data (what ``yaml.safe_load`` returns).
 
@@ -828,6 +900,7 @@ def parse_spec(raw: Any) -> Spec:
     for key in raw:
         if key not in top:
             problems.append(Problem(str(key), "is not a known section", raw[key], did_you_mean(str(key), top)))
+    raw = replace_old_keys(raw, problems)
     head = _parse_section(Spec, {k: raw[k] for k in ("name", "seed") if k in raw}, "", problems, only=("name", "seed"))
     sections = {name: _parse_section(cls, raw.get(name), name, problems) for name, cls in _SECTIONS.items()}
     space = _parse_space(raw.get("space"), problems, DATASETS[sections["data"].dataset].input_kind)

@@ -237,7 +237,8 @@ def record_from(stored: Mapping[str, Any]) -> TrialRecord:
 
 # Keys a resumed or joining run of a sweep may change without it becoming a different sweep.
 RESUMABLE_CHANGES = {"search.trials", "search.parallel", "search.devices", "search.trials_per_gpu", "search.timeout",
-                     "search.stale_after", "tracking.uri", "tracking.experiment", "ray.address", "data.cache"}
+                     "search.stale_after", "tracking.uri", "tracking.experiment", "ray.address", "data.cache",
+                     "train.replica_mode"}
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -263,10 +264,12 @@ def same_sweep_changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: t
     """The keys at which resolved spec ``new`` differs from ``old`` so that it is another sweep.
 
     Keys in ``RESUMABLE_CHANGES`` (and ``ignore``) may change; a key of ``ADDED_KEYS_SAFE_AT_DEFAULT`` that
-    ``old`` lacks (a newer sbsearch added it) may stand at its default.
+    ``old`` lacks (a newer sbsearch added it) may stand at its default; a key that a newer sbsearch replaced
+    (``sbsearch.spec.REPLACED_KEYS``) is read in ``old`` as the key that replaced it.
     """
-    from sbsearch.spec import parse_spec, spec_to_dict
+    from sbsearch.spec import parse_spec, replace_old_keys, spec_to_dict
 
+    old = replace_old_keys(old)
     defaults = _flat(spec_to_dict(parse_spec({})))
     now, before = _flat(dict(new)), _flat(dict(old))
     return [k for k in _diff_keys(dict(old), dict(new)) if k not in RESUMABLE_CHANGES and k not in ignore

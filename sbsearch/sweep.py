@@ -26,7 +26,7 @@ from rich.console import Console
 from sbsearch.backends import SweepInterrupted, get_backend
 from sbsearch.data import DATASETS
 from sbsearch.errors import Problem, SbsearchError, SpecError
-from sbsearch.logs import log_to_file
+from sbsearch.logs import log_to_file, metric_text
 from sbsearch.progress import SweepDisplay, top_table
 from sbsearch.space import trial_budget
 from sbsearch.spec import Spec, parse_spec, spec_to_dict
@@ -371,10 +371,10 @@ def print_summary(result: SweepResult, console: Console) -> None:
                                 test_metric=test_metric if has_test else None))
     best = result.best
     if best is not None:
-        held_out = (f", held-out {test_metric} = {best.test[test_metric]:.4f}" if test_metric in best.test else
+        held_out = (f", held-out {test_metric} = {metric_text(best.test[test_metric])}" if test_metric in best.test else
                     ", no test split" if not has_test else "")
         console.print(f"[bold]Best configuration[/bold] (trial {best.number}, {result.metric} = "
-                      f"{best.final[result.metric]:.4f}{held_out}):")
+                      f"{metric_text(best.final[result.metric])}{held_out}):")
         for k in searched:
             console.print(f"  {k}: {best.params.get(k)}", highlight=False)
     console.print(f"Results: {result.out_dir}/trials.csv, study {redact(storage_url(result.spec, result.out_dir))}",

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import platform
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,7 +24,8 @@ from sbsearch.data import Split, task_objective
 from sbsearch.errors import TrialDiverged
 from sbsearch.metrics import per_replica_metric, task_loss
 from sbsearch.models import FROZEN_MASK, FROZEN_VALUE, build_model, count_parameters, first_layer_bias_name
-from sbsearch.replicas import ReplicaStack
+from sbsearch.pde import Objective
+from sbsearch.replicas import ModeChoice, ReplicaStack, choose_replica_mode, time_replica_modes
 from sbsearch.score import default_score_layers, drift_score, replica_score
 from sbsearch.spec import TrainSpec
 from sbsearch.strategies import (
@@ -35,7 +39,7 @@ from sbsearch.strategies import (
     loss_terms,
 )
 
-__all__ = ["Report", "TrainPlan", "TrainResult", "replica_seeds", "resolve_device", "train"]
+__all__ = ["Report", "TrainPlan", "TrainResult", "device_name", "replica_seeds", "resolve_device", "train"]
 
 Report = Callable[[int, dict[str, float]], bool]
 """``report(epoch, metrics) -> stop?``; epochs count from 1."""
@@ -72,6 +76,9 @@ class TrainResult:
     test: dict[str, float] = field(default_factory=dict)
     """``test_<metric>`` (mean over replicas), ``test_<metric>_std`` and ``test_loss``, measured once after
     training; empty when the trial stopped early or the data has no test split. Never reported."""
+    replicas_ran: str = ""
+    """How the replicas ran (``batched``, ``sequential``, ``single``), and under ``train.replica_mode: auto`` the
+    per-step times that chose it."""
 
 
 def replica_seeds(seed: int, replicas: int) -> list[int]:
@@ -245,6 +252,9 @@ def train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None 
     the pipeline (``split.train_pipeline``, when the split deferred it), and their loss terms join the
     task loss. Without it, the trainer trains ``desc`` on the split as prepared.
 
+    A split with a training objective of its own (``split.train_objective``: the PDE sets' residuals) trains on
+    it in place of the task loss, with Adam and L-BFGS alike; validation and test still measure the task's metric.
+
     Raises:
         TrialDiverged: when the training loss becomes NaN or infinite.
 
@@ -270,7 +280,8 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
     lbfgs = plan.optimizer == "lbfgs"
     # L-BFGS's line search and curvature pairs span all the parameters it is given, so stacked
     # replicas would share one step size: each replica gets its own optimiser and runs on its own.
-    net = _stack(models, batched=not lbfgs)
+    choice = _replica_mode(models, desc, plan, split) if not lbfgs else ModeChoice("sequential")
+    net = _stack(models, batched=choice.mode == "batched")
     forward = _forward(net, plan)
     optimizer = _make_optimizer(_param_groups(net.parameters(), models[0], desc, plan), plan) if not lbfgs else None
     scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "fp16")
@@ -284,7 +295,8 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
                 *(step for step in input_transforms(strategies, split.input_kind) if step.stage == "symmetry")]
     terms = _start_loss_terms(strategies, net, models[0], plan)
     assert not (lbfgs and symmetry), "the spec refuses random input transforms under full-batch L-BFGS"
-    if pipeline is not None and lbfgs:  # full-batch steps have no per-batch transform to come first
+    objective = split.train_objective  # the data's own training loss (a PDE's residual), in place of the task loss
+    if pipeline is not None and lbfgs and objective is None:  # full-batch steps have no per-batch transform to come first
         x_train, pipeline = pipeline(x_train), None
     n, metric = x_train.shape[0], task_objective(split.task)[0]
     schedule = _make_schedule(optimizer, plan, math.ceil(n / plan.batch_size)) if optimizer is not None else None
@@ -299,7 +311,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
         net.train()
         if lbfgs:
             train_loss = _lbfgs_epoch(models, lbfgs_optimizers, x_train, y_train, split.task, plan.weight_decay, frozen,
-                                      terms, plan.label_smoothing)
+                                      terms, plan.label_smoothing, objective, pipeline)
             _restore_frozen(frozen)
             steps += 1
         else:
@@ -313,7 +325,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
             for i in range(0, n, plan.batch_size):
                 idx = perm[i : i + plan.batch_size]
                 loss = _batch_loss(net, x_train[idx], y_train[idx], split.task, augment, pipeline, symmetry, terms,
-                                   plan.label_smoothing, forward)
+                                   plan.label_smoothing, forward, objective)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                 scaler.step(optimizer)  # optimizer.step(), unless fp16's scaler finds inf gradients
@@ -352,7 +364,7 @@ def _train(split: Split, desc: ModelDesc, plan: TrainPlan, report: Report | None
             test[f"test_{split.metric}_std"] = test_metric.std().item()
     return TrainResult(epochs_run=epoch, final=dict(history[-1]), history=history,
                        num_parameters=count_parameters(models[0]), seconds=time.perf_counter() - start,
-                       weights=net.replica_weights(), test=test)
+                       weights=net.replica_weights(), test=test, replicas_ran=_replicas_ran(net, choice))
 
 
 def _named(params: list[torch.Tensor], model: nn.Module) -> list[tuple[str, int, torch.Tensor]]:
@@ -422,7 +434,7 @@ def _start_loss_terms(strategies: Mapping[str, Settings], net: _Replicas, model:
 def _batch_loss(net: _Replicas, x: torch.Tensor, y: torch.Tensor, task: str, generator: torch.Generator,
                 pipeline: Pipeline | None = None, symmetry: Sequence[InputTransform] = (),
                 terms: Sequence[LossFn] = (), label_smoothing: float = 0.0,
-                forward: Forward | None = None) -> torch.Tensor:
+                forward: Forward | None = None, objective: Objective | None = None) -> torch.Tensor:
     """The task loss of one batch, with the strategies' ``symmetry`` input steps and loss terms.
 
     ``forward`` runs ``net`` as the plan asks (``_forward``: compiled, autocast); the loss terms see
@@ -431,11 +443,20 @@ def _batch_loss(net: _Replicas, x: torch.Tensor, y: torch.Tensor, task: str, gen
     The symmetry steps act on ``x`` before the input pipeline (expansion, normalisation), so the
     expansion's constants stay where validation and test inputs have them; the loss terms see the batch
     between the two.
+
+    ``objective`` (``Split.train_objective``) replaces the task loss; ``y`` is then not read. It gets ``net``
+    itself, in fp32 and uncompiled: it differentiates through the network with respect to ``x`` and trains
+    on those derivatives (double backward, which compiled graphs do not support).
     """
     for step in symmetry:
         x = step.apply(x, generator)
+    if objective is not None:
+        loss = objective(net, x, pipeline or _identity)
+        if not terms:
+            return loss
     out = (forward or net)(pipeline(x) if pipeline is not None else x)
-    loss = task_loss(out, y, task, label_smoothing)
+    if objective is None:
+        loss = task_loss(out, y, task, label_smoothing)
     if terms:
         batch = LossBatch(net.stacked_parameters(), tuple(range(out.shape[0])),
                           BatchInputs(net, x, out, pipeline or _identity, generator))
@@ -471,6 +492,69 @@ def _score_metrics(weights: list[dict[str, torch.Tensor]], initial: list[dict[st
     return out
 
 
+def _replica_mode(models: list[nn.Module], desc: ModelDesc, plan: TrainPlan, split: Split) -> ModeChoice:
+    """Batched or sequential replicas: as ``plan.replica_mode`` says, or under ``auto`` the faster of the two
+    for this model, input, batch, optimiser, precision and device, timed once on this machine over a few
+    training steps on the first training batch (``replicas.choose_replica_mode``)."""
+    if len(models) == 1 or plan.replica_mode != "auto":
+        return ModeChoice("sequential" if plan.replica_mode == "sequential" else "batched")
+    device = torch.device(plan.device)
+    raw = split.x_train[: plan.batch_size].to(device)
+    x = split.train_pipeline(raw) if split.train_pipeline is not None else raw
+    y = split.y_train[: plan.batch_size].to(device)
+    objective = split.train_objective
+    key = {"model": asdict(desc), "input": list(x.shape), "replicas": len(models), "optimizer": plan.optimizer,
+           "precision": plan.precision, "channels_last": plan.channels_last, "device": device_name(device),
+           "torch": torch.__version__, "task": split.task}
+    # Not the thread count: it follows search.parallel, and a sweep must run its replicas the same way at
+    # every parallelism (the two ways draw dropout masks differently) to give the same results.
+    unbatched = replace(plan, compile=False)  # compiling both ways would cost more than the sweep saves
+    optimizers: dict[int, torch.optim.Optimizer] = {}
+
+    def step(stack: ReplicaStack) -> None:
+        optimizer = optimizers.setdefault(id(stack), _make_optimizer(stack.parameters(), plan))
+        if objective is not None:  # the data's own training loss (a PDE's residual), as training runs it
+            loss = objective(stack, raw, split.train_pipeline or _identity)
+        else:
+            loss = task_loss(_forward(stack, unbatched)(x), y, split.task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    return choose_replica_mode(key, lambda: time_replica_modes(models, step, synchronize, clock))
+
+
+def device_name(device: torch.device | str) -> str:
+    """The device's kind and model: ``cuda:0 NVIDIA H200``, ``cpu AMD EPYC 7B13``; a worker pinned to a GPU
+    by ``CUDA_VISIBLE_DEVICES`` says which (``cuda:0 NVIDIA H200 (CUDA_VISIBLE_DEVICES=3)``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (f"cuda:{index} {torch.cuda.get_device_name(index)}"
+                + (f" (CUDA_VISIBLE_DEVICES={pinned})" if pinned else ""))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu {line.partition(':')[2].strip()}"
+    return f"{device.type} {platform.processor()}"
+
+
+def _replicas_ran(net: _Replicas, choice: ModeChoice) -> str:
+    """How the replicas ran, for the trial's record: ``batched``, ``sequential`` or ``single``, with the timing
+    that chose it under ``replica_mode: auto``."""
+    ran = "single" if isinstance(net, _Single) else "batched" if getattr(net, "batched", False) else "sequential"
+    if choice.batched_seconds is None or choice.sequential_seconds is None or ran == "single":
+        return ran
+    return (f"{ran} (measured per step: batched {choice.batched_seconds * 1e3:.3g} ms, "
+            f"sequential {choice.sequential_seconds * 1e3:.3g} ms)")
+
+
 def _stack(models: list[nn.Module], batched: bool = True) -> _Replicas:
     if len(models) == 1:
         return _Single(models[0])
@@ -480,22 +564,33 @@ def _stack(models: list[nn.Module], batched: bool = True) -> _Replicas:
 def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], x: torch.Tensor,
                  y: torch.Tensor, task: str, weight_decay: float,
                  frozen: Sequence[tuple[torch.Tensor, ...]], terms: Sequence[LossFn] = (),
-                 label_smoothing: float = 0.0) -> float:
+                 label_smoothing: float = 0.0, objective: Objective | None = None,
+                 pipeline: Pipeline | None = None) -> float:
     """One full-batch L-BFGS step per replica, one replica after another; the mean loss before the steps.
 
     The unbatched replica stack runs these same module objects, so evaluation sees the new weights.
+    ``objective`` (``Split.train_objective``) replaces the task loss, on the raw ``x`` and the ``pipeline``
+    still owed to it (without an objective, ``x`` comes prepared).
     """
     n = x.shape[0]
     losses = []
+    cuda = [x.device] if x.device.type == "cuda" else []
     for index, (model, optimizer) in enumerate(zip(models, optimizers)):
+        # One step's line search must evaluate one objective: every closure call of the step draws the same
+        # dropout masks (from this seed), and the next step draws new ones. Masks redrawn per call made the
+        # line search compare losses of different networks, and training stalled.
+        masks = int(torch.randint(0, 2**62, ()))
 
-        def closure(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
-                    index: int = index) -> torch.Tensor:
+        def loss_and_gradients(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
+                               index: int = index) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=x.device)
             for i in range(0, n, LBFGS_CHUNK):
                 xb, yb = x[i : i + LBFGS_CHUNK], y[i : i + LBFGS_CHUNK]
-                loss = task_loss(model(xb).unsqueeze(0), yb, task, label_smoothing) * (xb.shape[0] / n)  # (1, B, out)
+                if objective is not None:  # weighted by the chunk's share: the residual's mean, and the boundary term once
+                    loss = objective(lambda z: model(z).unsqueeze(0), xb, pipeline or _identity) * (xb.shape[0] / n)
+                else:
+                    loss = task_loss(model(xb).unsqueeze(0), yb, task, label_smoothing) * (xb.shape[0] / n)  # (1, B, out)
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += loss.detach()
             if weight_decay > 0:
@@ -513,6 +608,11 @@ def _lbfgs_epoch(models: list[nn.Module], optimizers: list[torch.optim.Optimizer
                 if p.grad is not None:
                     p.grad.masked_fill_(mask, 0.0)
             return total
+
+        def closure(evaluate: Callable[[], torch.Tensor] = loss_and_gradients, masks: int = masks) -> torch.Tensor:
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(masks)
+                return evaluate()
 
         losses.append(float(optimizer.step(closure)))  # type: ignore[arg-type]
     return sum(losses) / len(losses)

@@ -24,7 +24,7 @@ from sbsearch.space import TrialConfig
 from sbsearch.spec import Spec, stage_config
 from sbsearch.strategies import ModelDesc, control_values, defers_training_inputs, input_transforms
 from sbsearch.tracking import EpochMetrics, Tracker, TrackingTarget, trial_params
-from sbsearch.trainer import TrainPlan, resolve_device, train
+from sbsearch.trainer import TrainPlan, device_name, resolve_device, train
 
 __all__ = ["SweepContext", "TrialRecord", "TrialState", "run_trial", "trial_run_name", "final_metrics", "Interrupted"]
 
@@ -166,10 +166,11 @@ def build_trial(spec: Spec, config: TrialConfig) -> tuple[Split, ModelDesc]:
 def _expansion_constants(base: Split, expansion: dict[str, object], normalize: bool) -> torch.Tensor:
     """One expanded sample holding the constants, in model units, and 0 where original values go.
 
-    A NaN sample run through the real ``prepare`` keeps NaN exactly at the original positions.
+    A NaN sample run through the real ``prepare`` keeps NaN exactly at the original positions. (Read from the
+    validation part, which ``prepare`` always runs through the pipeline; the training part may stay raw.)
     """
     nan = torch.full((1, *base.x_train.shape[1:]), float("nan"))
-    probe = prepare(replace(base, x_train=nan, x_val=nan, x_test=None), expansion, normalize=normalize).x_train[0]
+    probe = prepare(replace(base, x_train=nan, x_val=nan, x_test=None), expansion, normalize=normalize).x_val[0]
     return torch.nan_to_num(probe, nan=0.0)
 
 
@@ -220,8 +221,11 @@ def run_trial(ctx: SweepContext, number: int, config: TrialConfig, should_prune:
 
     start = time.perf_counter()
     try:
+        plan = train_plan(ctx.spec)
+        log.tags["sbsearch.device"] = device_name(plan.device)
         split, desc = build_trial(ctx.spec, config)
-        result = train(split, desc, train_plan(ctx.spec), report, strategies=config.all_settings())
+        result = train(split, desc, plan, report, strategies=config.all_settings())
+        log.tags["sbsearch.replicas"] = result.replicas_ran
         record.final, record.epochs_run = {**result.final, "num_parameters": float(result.num_parameters),
                                            **control_values(desc)}, result.epochs_run
         record.test = dict(result.test)
@@ -273,6 +277,7 @@ class _TrialLog:
         self.pending: list[EpochMetrics] = []
         self.params: dict[str, str] | None = trial_params(record.number, config.params)  # None once written
         self.flushed = time.monotonic()
+        self.tags: dict[str, str] = {}  # written with the final metrics: the device, how the replicas ran
         if ctx.tracking is None:
             record.logged = False
             return
@@ -312,6 +317,6 @@ class _TrialLog:
         if self.tracker is not None:
             tracker, r, pending, params = self.tracker, self.record, self.pending, self.params
             self.pending, self.params = [], None
-            self._safely(lambda: tracker.end_trial(r.run_id, r.state, final_metrics(r),
-                                                   {"sbsearch.reason": r.reason} if r.reason else {},
+            tags = {**self.tags, **({"sbsearch.reason": r.reason} if r.reason else {})}
+            self._safely(lambda: tracker.end_trial(r.run_id, r.state, final_metrics(r), tags,
                                                    epochs=pending, params=params))

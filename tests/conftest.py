@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# What sbsearch remembers per machine (replica-mode timings, decoded images by default) stays out of the
+# user's own cache; worker processes inherit the variable.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sbsearch-tests-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -268,6 +268,10 @@ def test_the_report_controls_sort_trials_into_baseline_treatment_and_each_contro
     assert where({"expansion.factor": 2, "expansion.layout": "upsample"}) == {"tried", "upsample"}
     assert where({"expansion.factor": 2, "controls.width_matched": True}) == {"tried", "width_matched"}
     assert where({"expansion.factor": 2, "controls.bias_lr_multiplier": "auto"}) == {"tried", "bias_lr"}
+    # auto under upsample has no constants to take its value from (s = 1): a plain model, no control.
+    assert where({"expansion.factor": 2, "expansion.layout": "upsample", "controls.bias_scale": "auto"}) == {"tried"}
+    assert where({"expansion.factor": 2, "expansion.layout": "upsample",
+                  "controls.bias_lr_multiplier": "auto"}) == {"tried"}
     assert where({"expansion.factor": 1, "controls.bias_scale": 2.5}) == {"bias_scale"}
     assert where({"expansion.factor": 2, "controls.bias_scale": 2.5}) == {"tried"}  # a number on top of constants
     assert where({"expansion.factor": 2, "controls.bias_scale": "auto",

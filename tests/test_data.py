@@ -21,10 +21,14 @@ from sbsearch.strategies.expansion import VECTOR_LAYOUTS, expand, expand_image, 
 # name -> (input shape, task, outputs): what the data module's docstring promises.
 DOCUMENTED = {
     "digits": ((1, 8, 8), "classification", 10),
+    "digits_c4": ((1, 8, 8), "classification", 10),
+    "digits_d4": ((1, 8, 8), "classification", 10),
     "iris": ((4,), "classification", 3),
     "wine": ((13,), "classification", 3),
     "breast_cancer": ((30,), "classification", 2),
     **{name: ((1,), "regression", 1) for name in FUNCTIONS},
+    "pde_poisson": ((1,), "regression", 1),
+    "pde_heat": ((2,), "regression", 1),
     "fakedata": ((3, 32, 32), "classification", 10),
 }
 NEEDS_ROOT = ("cifar10", "cifar100", "fgvc_aircraft", "dtd", "imagefolder")
@@ -52,7 +56,7 @@ def test_data_sets_without_download_load_with_the_documented_shapes(name: str) -
         assert info.objective == ("val_accuracy", "maximize") and split.metric == "accuracy"
     else:
         assert split.y_train.shape == (split.x_train.shape[0], 1) and split.y_train.dtype == torch.float32
-        assert split.y_val.shape == (1000, 1)
+        assert split.y_val.shape == ((1000 if split.x_val.shape[1] == 1 else 64 * 64), 1)  # pde_heat: a 64 x 64 grid
         assert info.objective == ("val_mse", "minimize") and split.metric == "mse"
     assert split.x_train.shape[0] == split.y_train.shape[0] and split.x_val.shape[0] == split.y_val.shape[0]
 

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sbsearch"
 
 # The data flow of DESIGN.md, with the registries the spec validates against below the spec.
 ORDER = [
-    "logs", "errors", "group_conv", "strategies", "data", "models", "spec", "space", "metrics", "score", "replicas",
-    "trainer", "pruning", "tracking", "trial", "study", "backends", "progress", "sweep",
+    "logs", "errors", "group_conv", "strategies", "pde", "data", "models", "spec", "space", "metrics", "score",
+    "replicas", "trainer", "pruning", "tracking", "trial", "study", "backends", "progress", "sweep",
     "report.load", "report.stats", "report.controls", "report.plots", "report.page", "report",
     "rank", "cli", "docs",
 ]

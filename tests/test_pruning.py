@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
+from sbsearch.errors import SpecError
 from sbsearch.pruning import (
     PRUNERS,
     CombinedRule,
@@ -23,9 +24,10 @@ from sbsearch.pruning import (
     WassersteinRule,
     learned_sign,
     make_rule,
+    rule_for,
 )
-from sbsearch.spec import parse_spec
-from sbsearch.study import Store
+from sbsearch.spec import parse_spec, spec_to_dict
+from sbsearch.study import Store, same_sweep_changes
 from sbsearch.sweep import run_sweep
 from tests.conftest import tiny_spec_dict
 from tests.test_sweep import check_records_agree
@@ -145,17 +147,116 @@ def test_combined_rule_predicts_the_final_metric_from_metric_and_score() -> None
     reason = median_fallback.decide(2, {ACC: 0.3, "sb_score": 0.0}, peers[:4])
     assert reason is not None and reason.startswith("median:")
     assert rule.decide(1, {ACC: 0.0, "sb_score": 0.0}, peers) is None  # warm-up
-    # Without the score (combined_score: false) the fit sees accuracy alone: whichever way its slope
+    # Without the score (combined_features: []) the fit sees accuracy alone: whichever way its slope
     # goes, one accuracy far outside the peers' is predicted worst, and the fit names no score.
-    metric_only = make_rule("combined", ACC, "maximize", 2, fallback="none", combined_score=False)
+    metric_only = make_rule("combined", ACC, "maximize", 2, fallback="none", combined_features=())
     reasons = [metric_only.decide(2, {ACC: a, "sb_score": 0.40}, peers) for a in (-5.0, 5.0)]
     [reason] = [r for r in reasons if r is not None]
     assert "sb_score" not in reason and reason.endswith("*val_accuracy)")
 
 
+MSE = "val_mse"
+
+
+def drift_peers(drift_logged: bool = True) -> list[PeerTrial]:
+    """Six completed trials of a task to minimise whose final val_mse is 0.3 - 0.25 * sb_drift at epoch 2,
+    while their val_mse at epoch 2 orders the finals the wrong way round (Spearman -0.49)."""
+    early = [(0.30, 0.9), (0.10, 0.1), (0.20, 0.5), (0.25, 0.3), (0.15, 0.7), (0.35, 0.6)]
+    return [PeerTrial(i, "COMPLETE", {2: {MSE: m, "sb_score": 0.2, **({"sb_drift": d} if drift_logged else {})}},
+                      0.3 - 0.25 * d) for i, (m, d) in enumerate(early)]
+
+
+def combined(features: list[str], **search: object) -> PruningRule:
+    """The combined rule a spec with ``search.combined_features: features`` runs, for val_mse."""
+    options = {"pruner": "combined", "fallback": "none", "combined_features": features, **search}
+    raw = tiny_spec_dict(**{f"search__{k}": v for k, v in options.items()})
+    return rule_for(parse_spec(raw), MSE, "minimize")
+
+
+def test_combined_rule_fits_on_sb_drift_when_asked() -> None:
+    peers = drift_peers()
+    # A trial whose weights moved far (drift 0.95: predicted final 0.06, the best) and one whose weights
+    # barely moved (drift 0.05: 0.29, the worst), with a low and a high early error.
+    moved, stuck = {MSE: 0.12, "sb_drift": 0.95, "sb_score": 0.2}, {MSE: 0.33, "sb_drift": 0.05, "sb_score": 0.2}
+    metric_only = combined([])
+    # On the metric alone the misleading early error decides: the trial that moved goes, the stuck one stays.
+    assert metric_only.decide(2, moved, peers) is not None
+    assert metric_only.decide(2, stuck, peers) is None
+    for features in (["sb_drift"], ["sb_score", "sb_drift"]):
+        rule = combined(features)
+        assert rule.decide(2, moved, peers) is None
+        reason = rule.decide(2, stuck, peers)
+        # The reason names each feature with its coefficient; the fit found the slope -0.25 on sb_drift.
+        assert reason is not None and reason.startswith("combined: predicted final val_mse=0.2875"), reason
+        assert "*val_mse" in reason and "-0.25*sb_drift)" in reason and ("*sb_score" in reason) == (len(features) == 2)
+    # sb_score alone (the default) adds nothing here: every trial has the same score, so it decides as the metric.
+    assert combined(["sb_score"]).decide(2, stuck, peers) is None
+
+
+def test_combined_rule_without_drift_fits_what_the_trial_logged() -> None:
+    peers = drift_peers()
+    rule = combined(["sb_drift"])
+    moved = {MSE: 0.12, "sb_score": 0.2}  # the trials above, with no sb_drift logged
+    stuck = {MSE: 0.33, "sb_score": 0.2}
+    # A trial that did not log sb_drift is fitted on the metric alone, as the metric-only rule fits it, and
+    # the reason says what was left out.
+    assert rule.decide(2, stuck, peers) is None
+    metric_only = combined([]).decide(2, moved, peers)
+    assert metric_only is not None and metric_only.endswith("*val_mse)")
+    assert rule.decide(2, moved, peers) == f"{metric_only[:-1]}; without sb_drift, which this trial did not log)"
+    # A trial with one replica has no sb_score: with both features it is fitted on the metric and sb_drift.
+    one_replica = combined(["sb_score", "sb_drift"]).decide(2, {MSE: 0.33, "sb_drift": 0.05}, peers)
+    assert one_replica is not None and "-0.25*sb_drift; without sb_score" in one_replica, one_replica
+    # Peers that did not log sb_drift cannot be fitted on it: too few completed trials, so the fallback
+    # decides (none here; the median of the completed trials' val_mse with fallback: median).
+    blind = drift_peers(drift_logged=False)
+    assert rule.decide(2, {MSE: 0.12, "sb_drift": 0.05}, blind) is None
+    reason = combined(["sb_drift"], fallback="median").decide(2, {MSE: 0.34, "sb_drift": 0.05}, blind)
+    assert reason is not None and reason.startswith("median:") and "; combined: 0 of 5 completed trials needed" in reason
+
+
+def test_combined_features_key_validates_and_refuses_bad_values() -> None:
+    def problems(**search: object) -> str:
+        with pytest.raises(SpecError) as caught:
+            parse_spec(tiny_spec_dict(**{f"search__{k}": v for k, v in search.items()}))
+        return str(caught.value)
+
+    assert parse_spec(tiny_spec_dict()).search.combined_features == ("sb_score",)
+    for features in ([], ["sb_drift"], ["sb_drift", "sb_score"]):
+        assert parse_spec(tiny_spec_dict(search__combined_features=features)).search.combined_features == tuple(features)
+    assert problems(combined_features=["drift"]) == ("search.combined_features[0]: must be a registered name, but got "
+                                                     "'drift' (did you mean 'sb_drift'?)")
+    assert problems(combined_features=["sb_score", "val_loss"]).startswith(
+        "search.combined_features[1]: must be a registered name, but got 'val_loss' (allowed: sb_drift, sb_score)")
+    assert problems(combined_features="sb_drift") == "search.combined_features: must be a list of names, but got 'sb_drift'"
+    assert problems(combined_features=None) == "search.combined_features: must be a list of names, but got None"
+    assert problems(combined_features=["sb_drift", "sb_drift"]).startswith(
+        "search.combined_features: must not name a metric twice, but got")
+    # The key it replaced still validates, as what it meant.
+    assert parse_spec(tiny_spec_dict(search__combined_score=True)).search.combined_features == ("sb_score",)
+    assert parse_spec(tiny_spec_dict(search__combined_score=False)).search.combined_features == ()
+    assert problems(combined_score="no") == "search.combined_score: must be true or false, but got 'no'"
+    assert problems(combined_score=False, combined_features=[]) == (
+        "search.combined_score: was replaced by combined_features: give only that key, but got False")
+
+
+@pytest.mark.parametrize("old, new, differs", [
+    (True, ["sb_score"], []), (False, [], []), (False, ["sb_score"], ["search.combined_features"]),
+    (True, ["sb_score", "sb_drift"], ["search.combined_features"]),
+])
+def test_a_sweep_written_with_combined_score_resumes_with_what_it_meant(old: bool, new: list[str],
+                                                                        differs: list[str]) -> None:
+    before = spec_to_dict(parse_spec(tiny_spec_dict(search__pruner="combined")))
+    del before["search"]["combined_features"]
+    before["search"]["combined_score"] = old  # what sbsearch wrote before combined_features replaced it
+    now = spec_to_dict(parse_spec(tiny_spec_dict(search__pruner="combined", search__combined_features=new)))
+    assert same_sweep_changes(before, now) == differs
+
+
 # Every option of make_rule away from its default, and which of them each rule must receive.
 OPTIONS: dict[str, Any] = {"epochs": 27, "reduction_factor": 2, "quantile": 0.25, "score_direction": "high_is_good",
-                           "fallback": "none", "alpha": 0.1, "min_finished": 7, "combined_score": False}
+                           "fallback": "none", "alpha": 0.1, "min_finished": 7,
+                           "combined_features": ("sb_drift",)}
 TAKES: dict[str, dict[str, object]] = {
     "none": {},
     "median": {},
@@ -163,7 +264,7 @@ TAKES: dict[str, dict[str, object]] = {
     "hyperband": {"reduction_factor": 2, "epochs": 27},
     "wasserstein": {"quantile": 0.25, "score_direction": "high_is_good", "fallback": "none", "alpha": 0.1,
                     "min_finished": 7},
-    "combined": {"quantile": 0.25, "fallback": "none", "min_finished": 7, "use_score": False},
+    "combined": {"quantile": 0.25, "fallback": "none", "min_finished": 7, "features": ("sb_drift",)},
 }
 
 

@@ -84,7 +84,7 @@ def test_the_trainer_steps_the_rates_pytorch_schedules(digits: Split, schedule: 
     # The first-layer bias trains at 5x the rate: its group must keep that ratio at every step.
     desc = apply_model_edits(DESC, strategy_settings(controls__bias_lr_multiplier=5.0))
     plan = TrainPlan(epochs=3, batch_size=64, lr=0.02, schedule=schedule, warmup=warmup, max_steps=max_steps,
-                     replicas=2, score=False)
+                     replicas=2, replica_mode="batched", score=False)
     with optimizer_steps() as steps:
         train(digits, desc, plan)
     total = max_steps or 3 * 256 // 64
@@ -122,7 +122,7 @@ def test_label_smoothing_shapes_the_training_loss_only(digits: Split, smoothing:
     # One full-batch step: the training loss is that of the initial weights on the whole training set,
     # the validation loss that of the trained weights.
     plan = TrainPlan(epochs=1, batch_size=256, optimizer="sgd", lr=0.5, label_smoothing=smoothing, replicas=2,
-                     score=False)
+                     replica_mode="batched", score=False)
     result = train(digits, DESC, plan)
     seeds = replica_seeds(plan.seed, plan.replicas)
     train_losses = [F.cross_entropy(replica_outputs(dict(build_model(DESC, seed).named_parameters()), seed,
@@ -155,7 +155,8 @@ def test_bf16_autocast_trains_the_cnn_as_well_as_fp32() -> None:
 
 
 def test_channels_last_trains_the_same_model(digits: Split) -> None:
-    plain, last = (train(digits, DESC, TrainPlan(epochs=2, replicas=2, lr=0.01, channels_last=flag, score=False))
+    plain, last = (train(digits, DESC, TrainPlan(epochs=2, replicas=2, replica_mode="batched", lr=0.01,
+                                                 channels_last=flag, score=False))
                    for flag in (False, True))
     assert plain.final == pytest.approx(last.final, rel=1e-4, abs=1e-5)
     # The second conv (4 input channels; with one, both layouts are the same) trained in channels_last.
@@ -170,7 +171,8 @@ def test_compiled_network_trains_as_eager(digits: Split, replicas: int) -> None:
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
-    eager, compiled = (train(digits, DESC, TrainPlan(epochs=2, replicas=replicas, lr=0.01, compile=flag, score=False))
+    eager, compiled = (train(digits, DESC, TrainPlan(epochs=2, replicas=replicas, replica_mode="batched", lr=0.01,
+                                                     compile=flag, score=False))
                        for flag in (False, True))
     assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the network
     assert compiled.final == pytest.approx(eager.final, rel=1e-3, abs=1e-4)

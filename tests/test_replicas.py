@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import json
+import multiprocessing
+import re
+import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sbsearch.replicas import ReplicaStack
+from sbsearch.replicas import ReplicaStack, choose_replica_mode, time_replica_modes
 
 NUM_REPLICAS = 3
 STEPS = 4
@@ -257,3 +263,86 @@ def test_replicas_must_share_one_architecture() -> None:
         ReplicaStack([mlp(), cnn_with_batchnorm()])
     with pytest.raises(ValueError, match="at least 1 replica, but got 0"):
         ReplicaStack([])
+
+
+# --- batched or sequential: measured once per machine and configuration -------------------------------
+
+
+def test_a_configuration_is_measured_once_and_the_faster_way_is_read_back_by_every_later_trial(tmp_path: Path) -> None:
+    measured: list[str] = []
+
+    def measure(batched: float, sequential: float, name: str) -> Callable[[], dict[str, float]]:
+        return lambda: (measured.append(name), {"batched": batched, "sequential": sequential})[1]
+
+    path = tmp_path / "modes.json"
+    first = choose_replica_mode({"model": "big"}, measure(2.0, 1.0, "big"), path)
+    assert (first.mode, first.batched_seconds, first.sequential_seconds, first.measured_now) == ("sequential", 2.0, 1.0, True)
+    again = choose_replica_mode({"model": "big"}, measure(0.1, 9.0, "big again"), path)  # not measured again
+    assert (again.mode, again.measured_now) == ("sequential", False)
+    other = choose_replica_mode({"model": "small"}, measure(1.0, 3.0, "small"), path)
+    assert other.mode == "batched" and measured == ["big", "small"]
+    assert choose_replica_mode({"model": "small"}, measure(9.0, 0.1, "-"), path).mode == "batched"
+
+
+def _choose_in_a_process(path: str, log: str) -> str:
+    def slow_measure() -> dict[str, float]:
+        with open(log, "a") as f:
+            f.write("measured\n")
+        time.sleep(0.5)
+        return {"batched": 1.0, "sequential": 2.0}
+
+    return choose_replica_mode({"model": "shared"}, slow_measure, Path(path)).mode
+
+
+def test_two_processes_that_meet_a_new_configuration_at_once_measure_it_once(tmp_path: Path) -> None:
+    log = tmp_path / "measurements.log"
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        modes = list(pool.map(_choose_in_a_process, [str(tmp_path / "modes.json")] * 2, [str(log)] * 2))
+    assert modes == ["batched", "batched"]
+    assert log.read_text().splitlines() == ["measured"]
+
+
+def test_timing_the_two_ways_leaves_the_models_and_the_random_streams_as_they_were() -> None:
+    models = seeded_replicas(lambda: nn.Sequential(cnn_with_batchnorm(), nn.Dropout(0.5)))  # statistics and draws
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    rng = torch.random.get_rng_state()
+    steps: list[bool] = []
+
+    def step(stack: ReplicaStack) -> None:
+        steps.append(stack.batched)
+        stack.train()
+        F.cross_entropy(stack(x).flatten(0, 1), y.repeat(NUM_REPLICAS)).backward()
+
+    seconds = time_replica_modes(models, step, steps=2)
+    assert set(seconds) == {"batched", "sequential"} and all(s > 0 for s in seconds.values())
+    assert steps == [True, False] * 3  # one untimed step each, then the two ways in turn
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for model, state in zip(models, before):
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, state[name]), name
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_trainer_runs_the_replicas_as_the_plan_says_and_auto_records_its_measurement(tmp_path: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sbsearch.data import load_dataset, prepare
+    from sbsearch.strategies import STRATEGIES, ModelDesc
+    from sbsearch.trainer import TrainPlan, train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    split = prepare(load_dataset("digits", 0.25, 0), STRATEGIES["expansion"].defaults())
+    desc = ModelDesc("small_cnn", (1, 8, 8), 10, width=4, depth=1)
+    ran = {mode: train(split, desc, TrainPlan(epochs=1, replicas=3, replica_mode=mode)) for mode in
+           ("batched", "sequential", "auto")}
+    assert ran["batched"].replicas_ran == "batched" and ran["sequential"].replicas_ran == "sequential"
+    assert re.fullmatch(r"(batched|sequential) \(measured per step: batched .* ms, sequential .* ms\)",
+                        ran["auto"].replicas_ran)
+    stored = json.loads((tmp_path / "sbsearch" / "replica_modes.json").read_text())
+    (entry,) = stored.values()
+    assert ran["auto"].replicas_ran.startswith(entry["mode"]) and entry["key"]["input"] == [64, 1, 8, 8]
+    # The two ways train the same replicas: without dropout they agree to float rounding.
+    for a, b in zip(ran["batched"].weights, ran["sequential"].weights):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
+    assert train(split, desc, TrainPlan(epochs=1, replicas=1, replica_mode="auto")).replicas_ran == "single"

@@ -359,4 +359,4 @@ def test_a_finished_sweep_shows_test_numbers_for_the_top_five_chosen_on_validati
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(float(best["test_accuracy"]))
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "chosen on validation (val_accuracy), measured on test" in text
-    assert f"held-out test_accuracy = {float(best['test_accuracy']):.4f}" in text
+    assert f"held-out test_accuracy = {float(best['test_accuracy']):.4g}" in text

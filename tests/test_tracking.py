@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,10 @@ def test_a_short_trials_run_is_written_in_three_calls_with_every_epoch(target: T
         run = mlflow.get_run(record.run_id)
         assert run.data.params["expansion.factor"] == "2" and run.data.params["trial.number"] == str(record.number)
         assert run.info.status == "FINISHED" and run.data.tags["sbsearch.state"] == "COMPLETE"
+        # Where and how it trained: the CPU's model, and the way the replicas ran with the timing that chose it.
+        assert run.data.tags["sbsearch.device"].startswith("cpu ") and len(run.data.tags["sbsearch.device"]) > 4
+        assert re.fullmatch(r"(batched|sequential) \(measured per step: batched [\d.e+-]+ ms, sequential [\d.e+-]+ ms\)",
+                            run.data.tags["sbsearch.replicas"]), run.data.tags["sbsearch.replicas"]
         for key in record.history[0]:
             logged = {m.step: m.value for m in mlflow.get_metric_history(record.run_id, key)}
             assert logged == {e: h[key] for e, h in enumerate(record.history, start=1)}, key

@@ -178,4 +178,27 @@ def test_training_with_group_layers_everywhere_scores_the_group_convolutions(dig
     last_group_conv = group_weights[-1]
     [picked] = train(digits_sample, desc, replace(plan, score_layers=f"^{re.escape(last_group_conv)}$")).history
     assert {key for key in picked if key.startswith("sb_")} == {"sb_score", f"sb_score.{last_group_conv}", "sb_drift"}
-    assert picked["sb_score"] == picked[f"sb_score.{last_group_conv}"] and picked["sb_drift"] > 0
+    assert picked["sb_score"] == pytest.approx(picked[f"sb_score.{last_group_conv}"], rel=1e-12) and picked["sb_drift"] > 0
+
+
+def test_every_evaluation_of_one_lbfgs_step_sees_the_same_dropout_masks_and_the_next_step_new_ones() -> None:
+    """L-BFGS's line search compares losses of one objective: masks redrawn per closure call stalled training."""
+    from torch import nn
+
+    from sbsearch.trainer import _lbfgs_epoch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 1))
+    masks: list[torch.Tensor] = []
+    model[2].register_forward_hook(lambda module, inputs, output: masks.append(output == 0))
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=5)
+    x = torch.linspace(-1, 1, 64).unsqueeze(1)
+    y = torch.sin(3 * x)
+    steps = []
+    for _ in range(2):
+        masks.clear()
+        _lbfgs_epoch([model], [optimizer], x, y, "regression", 0.0, [])
+        assert len(masks) > 1, "the line search evaluated the objective more than once"
+        assert all(torch.equal(m, masks[0]) for m in masks)
+        steps.append(masks[0])
+    assert not torch.equal(steps[0], steps[1])

@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 
+from sbsearch.logs import metric_text
 from sbsearch.report.controls import EXPANSION_CONTROLS, check_controls
 from sbsearch.report.load import SCORE, SweepData, load_sweep
 from sbsearch.report.plots import CURVES, controls_plot, curves_plot, effect_plot, importance_plot, score_plot
@@ -32,7 +33,7 @@ _TEMPLATES.tests["numeric"] = lambda c: isinstance(c, (int, float)) and not isin
 
 def _with_spread(values: Mapping[str, float], key: str) -> str:
     spread = values.get(key + "_std")
-    return f"{values[key]:.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+    return metric_text(values[key]) + ("" if spread is None else f" ± {metric_text(spread)}")
 
 
 def _best(data: SweepData) -> dict[str, Any] | None:

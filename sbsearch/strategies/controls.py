@@ -62,11 +62,12 @@ from sbsearch.strategies.base import ControlSet, Knob, ModelDesc, Params, Report
 __all__ = ["BIAS_SCALE_RULES", "CONTROLS", "EXPANSION_CONTROLS", "WIDTH_MODELS", "auto_bias_scale", "control_values",
            "input_expansion", "replaces_expansion"]
 
-WIDTH_MODELS = ("mlp", "small_cnn")
+WIDTH_MODELS = ("mlp", "small_cnn", "resnet9")
 """Architectures with a first-layer width the width-matched control can change."""
 
-BIAS_MODELS = ("mlp", "small_cnn")
-"""Architectures whose first layer can have a bias (torchvision's first convs have none)."""
+BIAS_MODELS = ("mlp", "small_cnn", "resnet9")
+"""Architectures whose first layer can have a bias (without a norm layer after it; torchvision's first convs
+have none)."""
 
 BIAS_SCALE_RULES = {"sgd": "gradient", "lbfgs": "gradient", "adam": "normalised", "adamw": "normalised"}
 """How each ``train.optimizer`` steps a parameter, which decides ``bias_scale: auto`` (module docstring)."""
@@ -147,8 +148,11 @@ def _no_control(p: Params) -> bool:
 
 def _bias_control(value: str | float, p: Params) -> bool:
     """A bias control standing in for the expansion: ``auto`` (which leaves the input unexpanded) for an
-    expanded configuration, or a number on the unexpanded input."""
-    return (value == "auto" and _factor(p) > 1) or (isinstance(value, float) and value != 1.0 and _factor(p) == 1)
+    expanded configuration with constants, or a number on the unexpanded input. ``auto`` under the
+    ``upsample`` layout has no constants to take its value from: it resolves to 1, a plain model, and
+    counting it would pull the control's mean toward the baseline."""
+    constants = _factor(p) > 1 and p.get("expansion.layout", "grid") != "upsample"
+    return (value == "auto" and constants) or (isinstance(value, float) and value != 1.0 and _factor(p) == 1)
 
 
 def _only_bias_control(knob: str, other: str) -> Callable[[Params], bool]:
