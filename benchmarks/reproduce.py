@@ -860,7 +860,8 @@ def equivariance_report(r: SectionResult, plan: Plan, done: dict[str, SectionRes
     return f"""## Claim 2: equivariance by augmentation, by a penalty, or built into the layers
 
 Small CNN (width {CNN['width']}, depth {CNN['depth']}: `stem` = block 1, `early` = blocks 1-2, `all` = blocks 1-3 are
-group convolutions; with `all` the logits are invariant), {plan.digits_epochs} epochs of Adam (lr 0.003, batch 64), no
+group convolutions; `stem` and `early` hand the next ordinary conv every orientation map as a channel (the
+group axis folded into the channels), and with `all` the logits are invariant), {plan.digits_epochs} epochs of Adam (lr 0.003, batch 64), no
 normalisation, on {data}. `digits_c4` turns every image (train, validation and test) by a seeded random
 multiple of 90 degrees, `digits_d4` also mirrors at random; the labels stay the ten digits. `augment`
 turns each training image by a random group element; `penalty` adds mean |f(g.x) - f(x)|^2 over the logits

@@ -9,12 +9,22 @@ Feature kinds (what a group element ``g`` does to a tensor):
 - ``"image"``     (B, C, H, W): ``g`` transforms the two spatial axes (``act_on_image``).
 - ``"group"``     (B, C, |G|, H, W), one map per group element: ``g`` transforms the spatial axes and
   permutes the group axis, ``(g.f)[h] = g(f[g^-1 h])`` (``act_on_group_features``).
+- ``"folded"``    (B, C*|G|, H, W), a group feature map with its group axis folded into the channels
+  (channel ``c*|G| + h`` is map ``h`` of channel ``c``): ``g`` acts as on ``"group"`` features.
 - ``"invariant"`` any shape, e.g. logits: ``g`` does nothing.
 
-The intended stack, which the model builder composes::
+The stacks the model builder composes::
 
-    LiftingConv2d -> act -> [GroupBatchNorm] -> [GroupConv2d -> act -> ...]* -> GroupPool -> ordinary layers
-    # (B, C, H, W) -> (B, C1, |G|, H', W') -> ...        -> (B, Ck, |G|, h, w) -> (B, Ck, h, w)
+    LiftingConv2d -> act -> [GroupBatchNorm] -> [GroupConv2d -> act -> ...]* -> GroupFold -> ordinary layers
+    # (B, C, H, W) -> (B, C1, |G|, H', W') -> ...        -> (B, Ck, |G|, h, w) -> (B, Ck*|G|, h, w)
+
+    ... group layers ... -> GroupPool -> InvariantReadout       # all conv blocks are group layers
+    #                 (B, Ck, |G|, h, w) -> (B, Ck, h, w) -> (B, classes)
+
+``GroupFold`` hands ordinary layers every orientation's map as a channel of its own, so they still see
+which way a feature points (a vertical edge and a horizontal one give different channels); ``GroupPool``
+keeps only the strongest orientation at each position, which is what an invariant head wants and what an
+ordinary conv after it cannot recover.
 
 What keeps equivariance between group layers:
 
@@ -26,10 +36,15 @@ What keeps equivariance between group layers:
 - Spatial pooling (e.g. ``F.max_pool2d`` on each group slice) and strided group convolutions: only when
   the sampling grid is symmetric, see below.
 
-After ``GroupPool`` the features are ``"image"`` maps that rotate with the input but no longer carry a
-group axis. Ordinary layers after it are only as equivariant as they are themselves: a ``nn.Conv2d``
-with a general filter breaks the symmetry again, while a global average (or max) pool over the spatial
-axes makes the result invariant, after which any layer (``nn.Linear``) keeps it invariant.
+After ``GroupFold`` the features are still equivariant: a turn of the input turns every map and permutes
+the |G| channels of each field. After ``GroupPool`` they are ``"image"`` maps that rotate with the input
+but no longer carry a group axis. Ordinary layers after either are only as equivariant as they are
+themselves: a ``nn.Conv2d`` with a general filter breaks the symmetry again, while a global average (or
+max) pool over the spatial axes of pooled maps makes the result invariant, after which any layer
+(``nn.Linear``) keeps it invariant.
+``InvariantReadout`` keeps the layout that a global pool throws away: it applies any readout (a linear
+classifier of a coarsely pooled map, say) to every transformed copy of the map and takes the maximum
+over the copies, which a transform of the input only permutes.
 
 Exactness rule (symmetric sampling grid). ``torch.rot90`` and ``torch.flip`` rotate/reflect about the
 centre of the array. A convolution commutes with them exactly only if the centre of its output grid
@@ -44,9 +59,10 @@ sizes that break it and choose sizes that satisfy it by default.
 
 Example::
 
-    net = nn.Sequential(LiftingConv2d(1, 8, 3, "d4", padding=1), nn.ReLU(), GroupPool("max"))
+    net = nn.Sequential(LiftingConv2d(1, 8, 3, "d4", padding=1), nn.ReLU(), GroupFold("d4"))
     net[0].check_equivariance(atol=1e-5)        # [("e", 0.0), ("r1", 1e-16), ...]
-    y = net(torch.randn(2, 1, 9, 9))            # (2, 8, 9, 9), rotates with the input
+    y = net(torch.randn(2, 1, 9, 9))            # (2, 64, 9, 9), turns and permutes with the input
+    equivariance_errors(net, "d4", (2, 1, 9, 9), output_kind="folded")   # all about 1e-16
 """
 
 from __future__ import annotations
@@ -68,7 +84,9 @@ __all__ = [
     "Group",
     "GroupBatchNorm",
     "GroupConv2d",
+    "GroupFold",
     "GroupPool",
+    "InvariantReadout",
     "LiftingConv2d",
     "act_on_group_features",
     "act_on_image",
@@ -79,7 +97,7 @@ __all__ = [
     "grid_is_symmetric",
 ]
 
-FeatureKind = Literal["image", "group", "invariant"]
+FeatureKind = Literal["image", "group", "folded", "invariant"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,6 +240,9 @@ def _act(kind: FeatureKind, group: Group, g: int, x: Tensor) -> Tensor:
         return act_on_image(group, g, x)
     if kind == "group":
         return act_on_group_features(group, g, x)
+    if kind == "folded":
+        unfolded = x.reshape(*x.shape[:-3], -1, group.order, *x.shape[-2:])  # (..., C, |G|, H, W)
+        return act_on_group_features(group, g, unfolded).flatten(-4, -3)
     return x
 
 
@@ -473,6 +494,82 @@ class GroupPool(_ChecksEquivariance, nn.Module):
         return f"mode={self.mode!r}, group={self.group.name!r}"
 
 
+class GroupFold(_ChecksEquivariance, nn.Module):
+    """Fold the group axis into the channels: (B, C, |G|, H, W) -> (B, C*|G|, H, W), channel-major.
+
+    A relabelling, no computation: channel ``c*|G| + h`` is map ``h`` of channel ``c``, the layout of the
+    group convolutions' own expanded filters. An ordinary layer after it sees every orientation's response
+    as its own channel, so it can tell an edge from its turn, which after ``GroupPool`` it cannot. The
+    output is equivariant (``"folded"`` features: a turn of the input turns every map and cyclically
+    permutes the orientations of each channel), not invariant. The forward pass works for any group;
+    ``group`` sets the layout ``check_equivariance`` tests.
+
+    Example::
+
+        fold = GroupFold("c4")
+        fold(torch.randn(2, 8, 4, 9, 9)).shape       # (2, 32, 9, 9)
+        fold.check_equivariance(atol=1e-5)
+    """
+
+    input_kind: ClassVar[FeatureKind] = "group"
+    output_kind: ClassVar[FeatureKind] = "folded"
+
+    def __init__(self, group: Group | str) -> None:
+        super().__init__()
+        self.group = get_group(group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        order = self.group.order
+        assert x.dim() == 5 and x.shape[2] == order, f"expected (B, C, {order}, H, W), got {tuple(x.shape)}"
+        return x.flatten(1, 2)  # (B, C*|G|, H, W)
+
+    def _check_input_shape(self, input_size: int | None) -> tuple[int, ...]:
+        size = 7 if input_size is None else input_size
+        return (2, 3, self.group.order, size, size)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group.name!r}"
+
+
+class InvariantReadout(_ChecksEquivariance, nn.Module):
+    """An invariant readout of an image feature map: ``max over g of readout(g.x)``, (B, C, H, W) -> (B, out).
+
+    ``readout`` (e.g. pool to 4x4, flatten, linear) sees every transformed copy of its input; a transform
+    of the input only permutes the copies, so the element-wise maximum over them is invariant whatever
+    ``readout`` is, while the readout itself still sees where things are. This is the rotation pooling of
+    the last layer of Cohen & Welling's P4CNN. Parameters: ``readout``'s alone, initialised as it is.
+    ``in_channels`` only sets the input of ``check_equivariance``.
+
+    Example::
+
+        head = InvariantReadout(nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(8 * 16, 10)), 8, "c4")
+        head(torch.randn(2, 8, 9, 9)).shape         # (2, 10)
+        head.check_equivariance(atol=1e-5)
+    """
+
+    input_kind: ClassVar[FeatureKind] = "image"
+    output_kind: ClassVar[FeatureKind] = "invariant"
+
+    def __init__(self, readout: nn.Module, in_channels: int, group: Group | str) -> None:
+        super().__init__()
+        self.readout = readout
+        self.in_channels = in_channels
+        self.group = get_group(group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        order = self.group.order
+        copies = torch.cat([_transform_image(element, x) for element in self.group.elements])  # (|G|*B, C, H, W)
+        out: Tensor = self.readout(copies)  # (|G|*B, out)
+        return out.reshape(order, x.shape[0], *out.shape[1:]).amax(dim=0)  # (B, out)
+
+    def _check_input_shape(self, input_size: int | None) -> tuple[int, ...]:
+        size = 7 if input_size is None else input_size
+        return (2, self.in_channels, size, size)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, group={self.group.name!r}"
+
+
 class GroupBatchNorm(_ChecksEquivariance, nn.BatchNorm3d):
     """Batch normalisation of a group feature map (B, C, |G|, H, W), one mean/variance/affine per channel.
 
@@ -509,7 +606,13 @@ class GroupBatchNorm(_ChecksEquivariance, nn.BatchNorm3d):
 
 
 def _reset_like_conv(weight: Tensor, bias: Tensor | None) -> None:
-    # The same scheme as nn.Conv2d; fan_in counts every input the base filter touches (C_in*|G|*k*k).
+    # The same scheme as nn.Conv2d, with the fan-in of the filter each output map applies: the weight's
+    # shape gives C_in*k*k for a lifting filter and C_in*|G|*k*k for a group filter, and every transformed
+    # copy is a permutation of the base filter, so it has the same fan-in and the same spread. At
+    # initialisation the group layers therefore keep the plain layers' activation scale
+    # (tests/test_equivariance.py), and so does an ordinary conv after GroupFold, whose fan-in counts the
+    # folded channels; the max over the group axis (GroupPool, before the invariant head) raises it, by
+    # about 1.6x (C4) and 1.8x (D4) in std.
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
         fan_in = weight[0].numel()

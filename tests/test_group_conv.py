@@ -12,7 +12,9 @@ from sbsearch.group_conv import (
     GROUPS,
     GroupBatchNorm,
     GroupConv2d,
+    GroupFold,
     GroupPool,
+    InvariantReadout,
     LiftingConv2d,
     act_on_group_features,
     act_on_image,
@@ -123,7 +125,9 @@ def test_default_checks_pass_in_float32(name: str) -> None:
         GroupConv2d(4, 4, 5, name, stride=2),
         GroupPool("max", name),
         GroupPool("mean", name),
+        GroupFold(name),
         GroupBatchNorm(3, name),
+        InvariantReadout(nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(3 * 16, 5)), 3, name),
     ):
         layer.check_equivariance(atol=1e-5, dtype=torch.float32)
 
@@ -151,6 +155,19 @@ def test_channel_dropout_over_group_maps_is_equivariant_for_a_fixed_mask(name: s
         assert torch.equal(transformed_then_dropped, dropped_then_transformed)
 
 
+@pytest.mark.parametrize("name", sorted(GROUPS))
+def test_fold_lays_out_each_channels_orientations_side_by_side_and_keeps_them_apart(name: str) -> None:
+    group = GROUPS[name]
+    x = torch.randn(2, 3, group.order, 5, 5)
+    folded = GroupFold(name)(x)  # (2, 3*|G|, 5, 5)
+    assert all(torch.equal(folded[:, c * group.order + h], x[:, c, h]) for c in range(3) for h in range(group.order))
+    GroupFold(name).check_equivariance(atol=0.0)  # a relabelling: exact
+    # The folded maps are equivariant, not invariant: a turn also permutes each channel's orientations.
+    errors = equivariance_errors(GroupFold(name), name, (2, 3, group.order, 5, 5), "group", "image")
+    with pytest.raises(AssertionError, match="r1"):
+        assert_equivariant(errors, atol=1e-5)
+
+
 def test_an_asymmetric_sampling_grid_breaks_equivariance_and_the_check_refuses_it() -> None:
     layer = LiftingConv2d(1, 2, 3, "c4", stride=2, padding=1)
     assert not grid_is_symmetric(8, 3, stride=2, padding=1)
@@ -159,6 +176,20 @@ def test_an_asymmetric_sampling_grid_breaks_equivariance_and_the_check_refuses_i
     errors = equivariance_errors(layer, "c4", (1, 1, 8, 8), input_kind="image", output_kind="group")
     with pytest.raises(AssertionError, match="r1"):
         assert_equivariant(errors, atol=1e-5)
+
+
+@FEW
+@given(name=group_names, size=st.integers(4, 11))
+def test_invariant_readout_makes_a_layout_sensitive_head_invariant(name: str, size: int) -> None:
+    torch.manual_seed(size)
+    readout = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * 16, 3))
+    x = torch.randn(2, 2, size, size, dtype=torch.float64)
+    errors = equivariance_errors(readout, name, (2, 2, size, size))
+    assert max(error for _, error in errors) > 1e-3  # the head alone sees where things are
+    head = InvariantReadout(readout, 2, name)
+    assert_equivariant(equivariance_errors(head, name, (2, 2, size, size)), atol=1e-6)
+    assert head.double()(x).shape == (2, 3)
+    assert [id(p) for p in head.parameters()] == [id(p) for p in readout.parameters()]
 
 
 # --- a whole network ---------------------------------------------------------------------------------
@@ -202,6 +233,7 @@ def test_parameters_are_the_base_filters_only(name: str, order: int) -> None:
     assert sum(p.numel() for p in conv.parameters()) == 7 * 5 * order * 3 * 3 + 7
     assert sum(p.numel() for p in LiftingConv2d(3, 5, 3, name, bias=False).parameters()) == 5 * 3 * 3 * 3
     assert sum(p.numel() for p in GroupPool("mean", name).parameters()) == 0
+    assert sum(p.numel() for p in GroupFold(name).parameters()) == 0
     assert sum(p.numel() for p in GroupBatchNorm(5, name).parameters()) == 2 * 5
     assert tuple(lift.expanded_weight().shape) == (5 * order, 3, 3, 3)
     assert tuple(conv.expanded_weight().shape) == (7 * order, 5 * order, 3, 3)
@@ -226,4 +258,5 @@ def test_output_shapes() -> None:
     grouped = GroupConv2d(4, 6, 3, "d4")(lifted)
     assert grouped.shape == (2, 6, 8, 3, 3)
     assert GroupPool("max")(grouped).shape == (2, 6, 3, 3)
+    assert GroupFold("d4")(grouped).shape == (2, 6 * 8, 3, 3)
     assert GroupBatchNorm(6, "d4")(grouped).shape == grouped.shape

@@ -8,8 +8,31 @@ Three ways of asking for it, which the paper compares (embedding it in the archi
   non-identity element ``g`` per batch, acting on the image before the expansion too;
 - ``layers``: group convolutions (``sbsearch.group_conv``) at the ``stem`` (the first conv only), the
   ``early`` blocks (the first ceil(depth/2); the same as ``stem`` for depth <= 2) or ``all`` conv blocks
-  of ``small_cnn``, pooled over the group before the ordinary layers. With ``all``, the head pools
-  globally, so the logits are invariant.
+  of ``small_cnn``.
+
+  With ``stem`` and ``early`` the ordinary layers get the last group block's maps with the group axis
+  folded into the channels, (N, C, |G|, H, W) -> (N, C*|G|, H, W) (``group_conv.GroupFold``): one
+  channel per filter and orientation. These features are equivariant, not invariant: a turn of the
+  input turns every map and cyclically permutes each filter's orientations, so the next conv still
+  sees which way an edge runs. A maximum over the group axis there would keep where a feature is and
+  drop its orientation, which no ordinary layer after it can recover: on turned digits (depth 2, width
+  16, same parameter count) such a stem trailed the plain model by 19 points after two epochs (0.43
+  against 0.63 validation accuracy), where the folded one keeps pace (0.56 after two epochs, 0.72 after
+  three, as the plain model; ``benchmarks/results/equivariance_init.md``). So the maximum is not offered
+  as an option: it would handicap the very placements this strategy compares.
+
+  With ``all``, the last map is max-pooled over the group, the plain head (a 4x4 pool and a linear
+  layer) reads every transformed copy of it and the logits are the maximum over the copies, so they are
+  invariant (``group_conv.InvariantReadout``).
+
+  The model is parameter-matched to the plain network of the same ``width``
+  (``models.equivariant_block_widths``): the group blocks' channel counts are the plain ones times one
+  factor, and after a fold the first ordinary block's width takes up the rest, so that the counts agree
+  (within 2.5% at width 16 on 8x8 digits). A group block of c channels has c maps per group element, a
+  group conv |G| times a plain conv's parameters, and the conv after a fold |G| times the inputs; without
+  the matching every placement would also compare capacity. The group layers are initialised as
+  ``nn.Conv2d`` is, with the fan-in of the filter they actually apply (C_in x |G| x k x k for a group
+  conv), and so is the conv after a fold (C x |G| x k x k), so each starts at the plain layer's scale.
 """
 
 from __future__ import annotations
