@@ -481,11 +481,13 @@ class Store:
     def report_epoch(self, trial: optuna.Trial, epoch: int, metric: str, metrics: Mapping[str, float],
                      history: list[dict[str, float]]) -> None:
         """A running trial's metrics after ``epoch``: the objective for Optuna, the rest for peers' rules."""
+        # The history first: a process killed between the two writes then leaves an epoch whose metrics are all
+        # stored, which the sweep's clean-up (``_bury``) reports for it, rather than an objective without them.
+        history.append(trial_level(metrics))
+        trial.set_user_attr(_HISTORY, history)
         value = metrics.get(metric)
         if value is not None and math.isfinite(value):
             trial.report(value, epoch)
-        history.append(trial_level(metrics))
-        trial.set_user_attr(_HISTORY, history)
 
     def claim(self, trial: optuna.Trial, slot: int, pid: int) -> None:
         """Mark ``trial`` as run by this store's owner (worker ``pid``) in ``slot``."""

@@ -636,6 +636,13 @@ class OptunaBackend(Backend):
                         if epoch not in t.intermediate_values and math.isfinite(value):
                             study.storage.set_trial_intermediate_value(t._trial_id, epoch, value)
                     t = study.trial(t.number)
+            # A worker killed between storing an epoch's metrics and reporting its objective (``report_epoch``
+            # writes them in that order) leaves the objective to report from the stored history.
+            for epoch, metrics in enumerate(stored_history(t), start=1):
+                stored = metrics.get(metric)
+                if epoch not in t.intermediate_values and stored is not None and math.isfinite(stored):
+                    study.storage.set_trial_intermediate_value(t._trial_id, epoch, stored)
+            t = study.trial(t.number)
             # The epochs it reported are in the store (and in its MLflow run); keep the count honest.
             study.finish(t.number, TrialRecord(t.number, TrialState.FAIL, dict(t.params), reason=reason,
                                                epochs_run=len(t.intermediate_values)), metric)
