@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -10,7 +12,6 @@ from torch import nn
 
 from sbsearch.group_conv import (
     GROUPS,
-    GroupConv2d,
     LiftingConv2d,
     act_on_image,
     act_on_image_batch,
@@ -20,6 +21,7 @@ from sbsearch.group_conv import (
 from sbsearch.models import build_model, count_parameters, equivariant_block_widths, match_first_width
 from sbsearch.strategies import STRATEGIES, ModelDesc, apply_model_edits, input_transforms, loss_terms
 from sbsearch.strategies.equivariance import EQUIVARIANT_MODELS, invariance_penalty
+from tests.conftest import ROOT
 
 EQUIVARIANCE = STRATEGIES["equivariance"]
 
@@ -328,23 +330,18 @@ def _group_blocks(desc: ModelDesc) -> int:
     return {"stem": 1, "early": (desc.depth + 1) // 2, "all": desc.depth}[desc.equivariant_layers]
 
 
+def _load_init_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("equivariance_init", ROOT / "benchmarks" / "equivariance_init.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _activation_stds(desc: ModelDesc, x: torch.Tensor, seeds: range = range(8)) -> list[float]:
-    """Std of every conv-like layer's output, then of the logits, in forward order; mean over seeds."""
-    per_seed = []
-    for seed in seeds:
-        model = build_model(desc, seed).eval()
-        seen: list[float] = []
-
-        def record(_module: nn.Module, _inputs: object, out: torch.Tensor, seen: list[float] = seen) -> None:
-            seen.append(float(out.std()))
-
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, LiftingConv2d, GroupConv2d)):
-                module.register_forward_hook(record)
-        with torch.no_grad():
-            seen.append(float(model(x).std()))
-        per_seed.append(seen)
-    return torch.tensor(per_seed).mean(dim=0).tolist()
+    """The benchmark's own measurement (``benchmarks/equivariance_init.py``), so the test holds what it prints."""
+    stds: list[float] = _load_init_benchmark().activation_stds(desc, x, seeds)
+    return stds
 
 
 @pytest.fixture(scope="module")
