@@ -94,6 +94,21 @@ def test_readme_reference_is_current(tmp_path: Path) -> None:
     assert not update_readme(copy), "README's reference is stale: run `python -m sbsearch.docs --write README.md`"
 
 
+def test_every_test_benchmark_result_and_spec_the_readme_names_exists() -> None:
+    """A claim in the README names the test or run behind it; a renamed test or a moved result breaks it."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    tests = set(re.findall(r"(tests/\w+\.py)::(\w+)", readme))
+    paths = set(re.findall(r"\b((?:benchmarks|search_spaces|tests|docker)/[\w/.-]*\w\.(?:py|md|yaml))\b", readme))
+    paths -= {"search_spaces/my.yaml"}  # the README's example of a user's own spec
+    assert len(tests) >= 10 and len(paths) >= 20, (tests, paths)
+    missing = sorted(path for path in paths if not (ROOT / path).is_file())
+    missing += sorted(f"{file}::{name}" for file, name in tests
+                      if not (ROOT / file).is_file() or f"def {name}(" not in (ROOT / file).read_text(encoding="utf-8"))
+    assert not missing, f"the README names what does not exist: {missing}"
+
+
 @pytest.mark.parametrize("case", ["file", "under_a_file", "uncreatable", "unknown_scheme"])
 def test_an_environment_that_cannot_be_used_gives_one_line_and_exit_2(tmp_path: Path, tiny_spec_file: Path,
                                                                       case: str) -> None:
@@ -165,6 +180,12 @@ def test_version_is_the_installed_one() -> None:
 
     proc = sbsearch("--version")
     assert (proc.returncode, proc.stdout.strip()) == (0, f"sbsearch {version('sbsearch')}")
+
+
+def test_python_dash_m_sbsearch_is_the_command_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "sbsearch", "validate", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr, proc.stderr
 
 
 def _complete_in_bash(line: str, cwd: Path) -> list[str]:
