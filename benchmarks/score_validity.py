@@ -307,7 +307,8 @@ SWEEPS: dict[str, KnobSweep] = {
                            _FROZEN_WORDS + "; the first layer (fan-in 1) has none: round(f) = 0"),
     "syre_fn": _sweep("space.syre.gamma", "fn_highfreq", (0.0, 1e-4, 1e-3, 1e-2)),
     "dropout_fn": _sweep("space.dropout.rate", "fn_highfreq", (0.0, 0.1, 0.3, 0.5),
-                         "L-BFGS's line search meets a new dropout mask at every evaluation"),
+                         "none on the scored tensors (the same draws at every level of a seed); L-BFGS keeps one "
+                         "dropout mask per step, seen by every evaluation of its line search"),
 }
 """The knob sweeps, by name (``--sweeps``)."""
 
