@@ -231,6 +231,9 @@ def learned_sign(peers: Sequence[PeerTrial], epoch: int, key: str, alpha: float,
     ``epoch`` and the final objective over completed peers, with a few words on the evidence."""
     pairs = [(v, p.final) for p in peers
              if p.state == "COMPLETE" and p.final is not None and math.isfinite(p.final) and (v := p.at(epoch, key)) is not None]
+    # A trial that repeats an earlier one's network (a sweep's trials share their seeds) brings the same
+    # pair to the last bit: it is no new evidence, and counting it would shrink the p-value.
+    pairs = list(dict.fromkeys(pairs))
     if len(pairs) < min_finished:
         return 0, f"{len(pairs)} of {min_finished} completed trials needed"
     rho, p = _spearman([a for a, _ in pairs], [b for _, b in pairs])

@@ -54,6 +54,15 @@ def flipped(peers: list[PeerTrial]) -> list[PeerTrial]:
     return [PeerTrial(p.number, p.state, p.history, None if p.final is None else 1.8 - p.final) for p in peers]
 
 
+def test_a_repeated_network_is_no_new_evidence_for_the_learned_direction() -> None:
+    # Four distinct trials are too few for significance at alpha 0.05 ...
+    assert learned_sign(RISING[:4], 2, "sb_score", alpha=0.05, min_finished=4)[0] == 0
+    # ... and repeats of them (a sweep's trials share seeds: the same network gives the same numbers) add nothing.
+    repeats = [PeerTrial(10 + p.number, p.state, p.history, p.final) for p in RISING[:4]]
+    sign, words = learned_sign(RISING[:4] + repeats + repeats, 2, "sb_score", alpha=0.05, min_finished=4)
+    assert sign == 0 and "over 4 completed trials" in words
+
+
 def test_median_rule_compares_with_completed_peers_only() -> None:
     rule = MedianRule(ACC, "maximize", warmup_epochs=2)
     peers = [done(i, {2: (a, 0.0)}, a) for i, a in enumerate([0.6, 0.7, 0.8])]

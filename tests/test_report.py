@@ -23,6 +23,7 @@ from sbsearch.report import (
     write_report,
 )
 from sbsearch.report.page import render
+from sbsearch.report.stats import knob_groups
 from sbsearch.spec import parse_spec
 from sbsearch.sweep import run_sweep
 from sbsearch.tracking import Tracker, TrackingTarget
@@ -217,3 +218,46 @@ def test_trials_with_a_bias_multiplier_on_an_expanded_input_belong_to_no_group()
     trials = [_trial(0, 0.8), _trial(1, 0.9, factor=2), _trial(2, 0.5, factor=2, bias=3.0)]
     check = _checks(trials)["upsample"]
     assert check.gain.mean == pytest.approx(0.1)  # trial 2 is neither the treatment nor the baseline
+
+
+# --- a network met twice ---------------------------------------------------------------------------
+def test_trials_with_the_same_numbers_are_marked_as_repeats_of_the_first() -> None:
+    from sbsearch.report.load import mark_repeats
+
+    final = {"val_accuracy": 0.9, "val_loss": 0.31, "sb_score": 0.05}
+    trials = [TrialData(3, "COMPLETE", {"k": "b"}, final, epochs_run=2),
+              TrialData(1, "COMPLETE", {"k": "a"}, final, epochs_run=2),
+              TrialData(2, "COMPLETE", {"k": "c"}, {**final, "val_loss": 0.32}, epochs_run=2),
+              TrialData(4, "COMPLETE", {"k": "d"}, final, epochs_run=1),  # stopped at another epoch: not the same run
+              TrialData(5, "COMPLETE", {"k": "e"}, {"val_accuracy": 0.9}, epochs_run=1),
+              TrialData(6, "COMPLETE", {"k": "f"}, {"val_accuracy": 0.9}, epochs_run=1),  # one metric: a tie, not proof
+              TrialData(7, "PRUNED", {"k": "g"}, final, epochs_run=2)]
+    marked = {t.number: t.same_as for t in mark_repeats(trials)}
+    assert marked == {1: None, 2: None, 3: 1, 4: None, 5: None, 6: None, 7: None}
+
+
+def test_a_grid_cell_that_repeats_a_network_counts_once_in_every_statistic(tmp_path: Path) -> None:
+    # At factor 1 the layout does not apply: (1, grid) and (1, upsample) train one network with the same seeds.
+    spec = parse_spec({
+        "name": "report-repeats", "seed": 0,
+        "data": {"dataset": "digits", "batch_size": 128},
+        "model": {"name": "small_cnn", "width": 4, "depth": 1},
+        "train": {"epochs": 1, "lr": 0.01},
+        "space": {"expansion": {"factor": [1, 2], "layout": ["grid", "upsample"]}},
+        "search": {"sampler": "grid", "trials": 4, "parallel": 1, "pruner": "none"},
+    })
+    out = tmp_path / "out"
+    with open(os.devnull, "w") as quiet:
+        result = run_sweep(spec, out, console=Console(file=quiet))
+    data = load_sweep(out)
+    assert [r.number for r in result.chosen] == [t.number for t in data.ranked()]  # the summary shows it once too
+    factor = {t.number: t.params["expansion.factor"] for t in data.trials}
+    repeats = data.repeats()
+    assert len(data.completed()) == 4 and len(repeats) == 1, [(t.number, t.final) for t in data.trials]
+    assert factor[repeats[0].number] == factor[repeats[0].network] == 1
+    assert len(data.ranked()) == 3 and repeats[0].number not in {t.number for t in data.ranked()}
+    groups = {g.label: g for g in knob_groups(data, spec.param("expansion.factor"))}
+    assert (len(groups["1"].values), len(groups["2"].values)) == (1, 2)  # not two "samples" of one network
+    assert not groups["1"].interval.known  # one network: no interval, rather than a zero-width one
+    text = write_report(out).read_text(encoding="utf-8")
+    assert f"repeated trial {repeats[0].network}" in text

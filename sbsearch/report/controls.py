@@ -9,12 +9,13 @@ of the gain is flagged. What is compared is the ``ControlSet`` a strategy offers
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sbsearch.report.load import TrialData
+from sbsearch.report.load import TrialData, one_per_network
 from sbsearch.report.stats import Interval, difference_interval
 from sbsearch.strategies import STRATEGIES, ControlSet, ReportControl
+from sbsearch.strategies.base import Params
 
 REPRODUCED_FRACTION = 0.5
 """A control 'reproduces' the gain when it recovers at least this share of it: then half or more of what
@@ -60,15 +61,20 @@ def check_controls(trials: Iterable[TrialData], metric: str, direction: str, kno
     if not any(control_set.tried(t.params) for t in done):
         return []  # the treatment was not tried: there is no gain for a control to explain
     value = {t.number: sign * t.final[metric] for t in done}
-    base = [value[t.number] for t in done if control_set.baseline(t.params)]
-    treated = [value[t.number] for t in done if control_set.treated(t.params)]
+
+    def group(member: Callable[[Params], bool]) -> list[float]:
+        # Each network once: a repeat within a group (same seeds, knobs that do not apply) is no new sample.
+        return [value[t.number] for t in one_per_network(t for t in done if member(t.params))]
+
+    base = group(control_set.baseline)
+    treated = group(control_set.treated)
     gain = difference_interval(treated, base)
     knobs = set(knobs)
     checks = []
     for control in control_set.controls:
         if control.knob not in knobs:
             continue
-        ctl = [value[t.number] for t in done if control.member(t.params)]
+        ctl = group(control.member)
         control_gain = difference_interval(ctl, base)
         reproduces: bool | None = None
         if not ctl:

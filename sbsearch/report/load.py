@@ -5,8 +5,8 @@ their per-epoch ``sb_score`` from the sweep's MLflow store where it can be reach
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError, SpecError
 from sbsearch.spec import ParamSpec, Spec, parse_spec
 from sbsearch.study import Store
-from sbsearch.sweep import HELD_OUT_TOP, sweep_key, tracking_info
+from sbsearch.sweep import HELD_OUT_TOP, same_numbers, sweep_key, tracking_info
 from sbsearch.tracking import Tracker, TrackingTarget
 from sbsearch.trial import TrialRecord
 
@@ -39,6 +39,15 @@ class TrialData:
     curve: Mapping[int, float] = field(default_factory=dict)  # epoch -> objective metric
     score: Mapping[int, float] = field(default_factory=dict)  # epoch -> sb_score (from MLflow)
     test: Mapping[str, float] = field(default_factory=dict)  # the held-out test split (shown for the chosen only)
+    # The earlier completed trial that trained this one's network exactly: every trial of a sweep uses the
+    # same seeds, so a configuration met again (a grid cell whose differing knobs do not apply, a repeat
+    # that TPE suggests) gives the same numbers, and statistics must count it once, not as new evidence.
+    same_as: int | None = None
+
+    @property
+    def network(self) -> int:
+        """The number that stands for this trial's network: its own, or that of the trial it repeats."""
+        return self.number if self.same_as is None else self.same_as
 
 
 @dataclass(frozen=True)
@@ -66,10 +75,18 @@ class SweepData:
     def completed(self) -> list[TrialData]:
         return [t for t in self.trials if t.state == "COMPLETE" and math.isfinite(t.final.get(self.metric, math.nan))]
 
+    def distinct(self) -> list[TrialData]:
+        """Completed trials, each network once: the repeats of an earlier trial (``same_as``) left out."""
+        return [t for t in self.completed() if t.same_as is None]
+
+    def repeats(self) -> list[TrialData]:
+        """Completed trials that trained an earlier trial's network again, with the same numbers."""
+        return [t for t in self.completed() if t.same_as is not None]
+
     def ranked(self) -> list[TrialData]:
         """Completed trials by the validation metric, the best first (ties: the lower trial number), as
-        ``sweep.chosen_on_validation`` ranks them; the test split takes no part."""
-        return sorted(self.completed(), key=lambda t: (-self.sign * t.final[self.metric], t.number))
+        ``sweep.chosen_on_validation`` ranks them, each network once; the test split takes no part."""
+        return sorted(self.distinct(), key=lambda t: (-self.sign * t.final[self.metric], t.number))
 
     @property
     def test_metric(self) -> str:
@@ -165,6 +182,31 @@ def _trial_data(record: TrialRecord, metric: str, fixed: Mapping[str, Any], repo
                      record.seconds, record.reason or "", record.run_id or "", curve, score, dict(record.test or {}))
 
 
+def mark_repeats(trials: Iterable[TrialData]) -> tuple[TrialData, ...]:
+    """Mark each completed trial whose numbers equal an earlier completed trial's as a repeat of it."""
+    first: dict[tuple[Any, ...], int] = {}
+    out = []
+    for t in sorted(trials, key=lambda t: t.number):
+        key = same_numbers(t.final, t.epochs_run) if t.state == "COMPLETE" else None
+        if key is not None and key in first:
+            t = replace(t, same_as=first[key])
+        elif key is not None:
+            first[key] = t.number
+        out.append(t)
+    return tuple(out)
+
+
+def one_per_network(trials: Iterable[TrialData]) -> list[TrialData]:
+    """The trials with each network once (the first met), for statistics over a group of trials."""
+    seen: set[int] = set()
+    out = []
+    for t in trials:
+        if t.network not in seen:
+            seen.add(t.network)
+            out.append(t)
+    return out
+
+
 def _importances(spec: Spec, stored: _Stored, trials: tuple[TrialData, ...]) -> tuple[dict[str, float] | None, str]:
     """Optuna's parameter importance, or None with the sentence that says why there is none."""
     n_done = sum(t.state == "COMPLETE" for t in trials)
@@ -201,9 +243,8 @@ def load_sweep(out_dir: Path, tracking_uri: str | None = None, parent_run_id: st
         raise SbsearchError(f"out_dir: {out_dir} holds no finished trials yet")
     tracked = _read_mlflow(spec, out_dir, tracking_uri, parent_run_id)
     fixed = {p.name: p.values[0] for p in spec.space if not p.searched}
-    trials = tuple(sorted((_trial_data(r, metric, fixed, stored.curves.get(r.number) or {},
-                                       tracked.scores.get(r.run_id, {})) for r in stored.records),
-                          key=lambda t: t.number))
+    trials = mark_repeats(_trial_data(r, metric, fixed, stored.curves.get(r.number) or {},
+                                      tracked.scores.get(r.run_id, {})) for r in stored.records)
     importances, importance_note = _importances(spec, stored, trials)
     return SweepData(spec, out_dir, metric, direction, trials, importances, importance_note, tracked.uri,
                      tracked.parent_run_id, tracked.note)

@@ -77,7 +77,11 @@ def _effects(data: SweepData, folder: Path) -> dict[str, Any]:
         rows = [(g.label, str(g.interval), *([stopped.get(g.label, "")] if stopped else [])) for g in groups]
         knobs.append({"name": p.name, "image": image, "header": header, "rows": rows,
                       "controls": p.name == beside and controls is not None})
-    return {"n_done": len(data.completed()), "knobs": knobs, "controls": controls, "controls_apart": beside is None}
+    repeats: dict[int, list[int]] = {}
+    for t in data.repeats():
+        repeats.setdefault(t.network, []).append(t.number)
+    return {"n_done": len(data.completed()), "knobs": knobs, "controls": controls, "controls_apart": beside is None,
+            "repeats": sorted(repeats.items()), "n_repeats": len(data.repeats())}
 
 
 def _importance(data: SweepData, folder: Path) -> dict[str, Any]:

@@ -37,8 +37,9 @@ def _error(iv: Interval) -> list[list[float]] | None:
 
 
 def effect_plot(data: SweepData, p: ParamSpec, groups: Sequence[Group], folder: Path) -> str:
-    """Each completed trial's final metric by the value of knob ``p``, with each group's mean and interval."""
-    done = data.completed()
+    """Each completed trial's final metric by the value of knob ``p``, with each group's mean and interval
+    (each network once: see ``TrialData.same_as``)."""
+    done = data.distinct()
     continuous = p.kind == "range" and not p.integer
     rng = np.random.default_rng(0)
     fig = _figure()

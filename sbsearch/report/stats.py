@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from sbsearch.report.load import SweepData, TrialData
+from sbsearch.report.load import SweepData, TrialData, one_per_network
 from sbsearch.spec import ParamSpec
 
 CONFIDENCE = 0.95
@@ -118,13 +118,23 @@ def _group(label: str, x: float, values: list[float]) -> Group:
     return Group(label, x, values, interval(values))
 
 
+def _metrics(trials: Sequence[TrialData], metric: str) -> list[float]:
+    """A group's final metrics, each network once: a repeat of a network in the same group (a grid cell whose
+    other knobs do not apply to it) is the same number again, not another sample."""
+    return [t.final[metric] for t in one_per_network(trials)]
+
+
 def knob_groups(data: SweepData, p: ParamSpec) -> list[Group]:
-    """A group per value of a knob; a continuous range is cut into quantile bins."""
+    """A group per value of a knob; a continuous range is cut into quantile bins.
+
+    Every completed trial takes part, repeats too, so each value's group holds the networks met with that
+    value; within a group each network counts once.
+    """
     done = data.completed()
     values = [t.params.get(p.name) for t in done]
     if p.kind == "choice" or p.integer:
         order = list(p.values) if p.kind == "choice" else sorted({int(v) for v in values if v is not None})
-        return [_group(fmt(v), float(i), [t.final[data.metric] for t in done if t.params.get(p.name) == v])
+        return [_group(fmt(v), float(i), _metrics([t for t in done if t.params.get(p.name) == v], data.metric))
                 for i, v in enumerate(order)]
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
@@ -138,7 +148,7 @@ def knob_groups(data: SweepData, p: ParamSpec) -> list[Group]:
         lo, hi = edges[i], edges[i + 1]
         inside = [t for t in done if lo <= float(t.params[p.name]) <= hi and (i == bins - 1 or float(t.params[p.name]) < hi)]
         centre = float(np.median([float(t.params[p.name]) for t in inside])) if inside else (lo + hi) / 2
-        out.append(_group(f"{lo:.3g}–{hi:.3g}", centre, [t.final[data.metric] for t in inside]))
+        out.append(_group(f"{lo:.3g}–{hi:.3g}", centre, _metrics(inside, data.metric)))
     return out
 
 
@@ -160,12 +170,12 @@ def score_points(data: SweepData, score: str) -> tuple[str, list[tuple[int, floa
     epoch where the pruner first judges a trial (where an early signal has to be good), else at the last."""
     warmup = int(getattr(data.spec.search, "warmup_epochs", 1) or 1)
     epoch = max(1, min(warmup, data.spec.train.epochs))
-    points = [(t.number, t.score[epoch], t.final[data.metric]) for t in data.completed() if epoch in t.score]
+    points = [(t.number, t.score[epoch], t.final[data.metric]) for t in data.distinct() if epoch in t.score]
     if points:
         what = f"{score} after epoch {epoch}"
     else:
         what = f"{score} at the last epoch"
-        points = [(t.number, t.final[score], t.final[data.metric]) for t in data.completed() if score in t.final]
+        points = [(t.number, t.final[score], t.final[data.metric]) for t in data.distinct() if score in t.final]
     return what, [pt for pt in points if math.isfinite(pt[1]) and math.isfinite(pt[2])]
 
 
