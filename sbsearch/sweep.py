@@ -15,10 +15,10 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from rich.console import Console
@@ -34,7 +34,7 @@ from sbsearch.study import JOURNAL, Store, new_owner, redact, same_sweep_changes
 from sbsearch.tracking import Tracker, TrackingTarget, default_tracking_uri
 from sbsearch.trial import SweepContext, TrialRecord, final_metrics
 
-__all__ = ["HELD_OUT_TOP", "SweepResult", "chosen_on_validation", "same_numbers", "run_sweep", "relog_sweep", "sweep_key", "tracking_info",
+__all__ = ["HELD_OUT_TOP", "SweepResult", "chosen_on_validation", "repeated_networks", "run_sweep", "relog_sweep", "sweep_key", "tracking_info",
            "default_out_dir", "prepare_out_dir", "write_trials_csv"]
 
 HELD_OUT_TOP = 5
@@ -80,29 +80,44 @@ def chosen_on_validation(records: list[TrialRecord], metric: str, direction: str
     """
     sign = 1 if direction == "maximize" else -1
     done = [r for r in records if r.state == "COMPLETE" and metric in r.final and math.isfinite(r.final[metric])]
-    seen: set[tuple[Any, ...]] = set()
-    distinct = []
-    for r in sorted(done, key=lambda r: r.number):  # a repeat of an earlier trial's network is shown once
-        key = same_numbers(r.final, r.epochs_run)
-        if key is None or key not in seen:
-            distinct.append(r)
-        if key is not None:
-            seen.add(key)
+    repeats = repeated_networks(done)  # a repeat of an earlier trial's network is shown once
+    distinct = [r for r in done if r.number not in repeats]
     return sorted(distinct, key=lambda r: (-sign * r.final[metric], r.number))[:top]
 
 
-def same_numbers(final: Mapping[str, float], epochs_run: int) -> tuple[Any, ...] | None:
-    """What two completed trials of one network share to the last bit: every final metric.
+class _Finished(Protocol):
+    """A trial as the store's record (``TrialRecord``) and the report (``TrialData``) both hold it."""
+
+    @property
+    def number(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def final(self) -> Mapping[str, float]: ...
+    @property
+    def epochs_run(self) -> int: ...
+
+
+def repeated_networks(trials: Iterable[_Finished]) -> dict[int, int]:
+    """Trial number -> the earlier completed trial whose network it trained again, for each such repeat.
 
     Every trial of a sweep uses the same seeds, so a configuration met again (a grid cell whose differing
     knobs do not apply, a configuration the sampler suggests twice) trains the same network and gives the
-    same numbers; rankings and statistics count it once. None where there is too little to tell two
-    networks apart (fewer than two final metrics): two networks can tie on an accuracy, never on a loss,
-    a spread and a score at once.
+    same numbers to the last bit: every final metric, after as many epochs. Rankings and statistics count
+    it once. A trial with fewer than two final metrics is never taken for a repeat: two networks can tie
+    on an accuracy, never on a loss, a spread and a score at once.
     """
-    if len(final) < 2:
-        return None
-    return (tuple(sorted(final.items())), epochs_run)
+    first: dict[tuple[Any, ...], int] = {}
+    repeats = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state != "COMPLETE" or len(t.final) < 2:
+            continue
+        key = (tuple(sorted(t.final.items())), t.epochs_run)
+        if key in first:
+            repeats[t.number] = first[key]
+        else:
+            first[key] = t.number
+    return repeats
 
 
 def _heldout(result: SweepResult) -> dict[int, tuple[int, dict[str, float]]]:

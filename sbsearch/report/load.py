@@ -16,7 +16,7 @@ from sbsearch.data import DATASETS
 from sbsearch.errors import SbsearchError, SpecError
 from sbsearch.spec import ParamSpec, Spec, parse_spec
 from sbsearch.study import Store
-from sbsearch.sweep import HELD_OUT_TOP, same_numbers, sweep_key, tracking_info
+from sbsearch.sweep import HELD_OUT_TOP, repeated_networks, sweep_key, tracking_info
 from sbsearch.tracking import Tracker, TrackingTarget
 from sbsearch.trial import TrialRecord
 
@@ -183,17 +183,10 @@ def _trial_data(record: TrialRecord, metric: str, fixed: Mapping[str, Any], repo
 
 
 def mark_repeats(trials: Iterable[TrialData]) -> tuple[TrialData, ...]:
-    """Mark each completed trial whose numbers equal an earlier completed trial's as a repeat of it."""
-    first: dict[tuple[Any, ...], int] = {}
-    out = []
-    for t in sorted(trials, key=lambda t: t.number):
-        key = same_numbers(t.final, t.epochs_run) if t.state == "COMPLETE" else None
-        if key is not None and key in first:
-            t = replace(t, same_as=first[key])
-        elif key is not None:
-            first[key] = t.number
-        out.append(t)
-    return tuple(out)
+    """The trials by number, each completed repeat of an earlier trial's network marked (``same_as``)."""
+    ordered = sorted(trials, key=lambda t: t.number)
+    repeats = repeated_networks(ordered)
+    return tuple(replace(t, same_as=repeats[t.number]) if t.number in repeats else t for t in ordered)
 
 
 def one_per_network(trials: Iterable[TrialData]) -> list[TrialData]:
