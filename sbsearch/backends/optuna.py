@@ -622,6 +622,14 @@ class OptunaBackend(Backend):
     def _bury(self, ctx: SweepContext, study: Store, pid: int | None, exitcode: int | None) -> None:
         """A worker process died (killed, out of memory): its running trial fails, and the sweep goes on."""
         metric = _objective(ctx)[0]
+
+        def report_missing(t: FrozenTrial, values: Mapping[int, float]) -> FrozenTrial:
+            """Report for ``t`` the objective of every epoch in ``values`` it has not reported."""
+            for epoch, value in values.items():
+                if epoch not in t.intermediate_values and math.isfinite(value):
+                    study.storage.set_trial_intermediate_value(t._trial_id, epoch, value)
+            return study.trial(t.number)
+
         for t in study.running_of(ctx.owner, {pid}):
             reason = f"worker process died (exit code {exitcode})"
             runs = []
@@ -631,18 +639,11 @@ class OptunaBackend(Backend):
                 # A worker killed between logging an epoch to MLflow and reporting it to the store
                 # leaves MLflow one epoch ahead: the store takes the epochs MLflow has, so the two agree.
                 for run in runs[:1]:
-                    logged = tracker.metric_history(run.info.run_id, metric)
-                    for epoch, value in logged.items():
-                        if epoch not in t.intermediate_values and math.isfinite(value):
-                            study.storage.set_trial_intermediate_value(t._trial_id, epoch, value)
-                    t = study.trial(t.number)
+                    t = report_missing(t, tracker.metric_history(run.info.run_id, metric))
             # A worker killed between storing an epoch's metrics and reporting its objective (``report_epoch``
             # writes them in that order) leaves the objective to report from the stored history.
-            for epoch, metrics in enumerate(stored_history(t), start=1):
-                stored = metrics.get(metric)
-                if epoch not in t.intermediate_values and stored is not None and math.isfinite(stored):
-                    study.storage.set_trial_intermediate_value(t._trial_id, epoch, stored)
-            t = study.trial(t.number)
+            t = report_missing(t, {epoch: metrics[metric] for epoch, metrics in enumerate(stored_history(t), start=1)
+                                   if metric in metrics})
             # The epochs it reported are in the store (and in its MLflow run); keep the count honest.
             study.finish(t.number, TrialRecord(t.number, TrialState.FAIL, dict(t.params), reason=reason,
                                                epochs_run=len(t.intermediate_values)), metric)
