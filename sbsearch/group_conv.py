@@ -464,7 +464,18 @@ class GroupConv2d(_GroupConvBase):
         return _conv_repr(self)
 
 
-class GroupPool(_ChecksEquivariance, nn.Module):
+class _OverGroupAxis(_ChecksEquivariance):
+    """Mixin: a layer without weights that acts on group features' group axis, for any channel count; its
+    equivariance is checked on 3 channels."""
+
+    input_kind: ClassVar[FeatureKind] = "group"
+
+    def _check_input_shape(self, input_size: int | None) -> tuple[int, ...]:
+        size = 7 if input_size is None else input_size
+        return (2, 3, self.group.order, size, size)
+
+
+class GroupPool(_OverGroupAxis, nn.Module):
     """Pool over the group axis: (B, C, |G|, H, W) -> (B, C, H, W), ``mode`` "max" or "mean".
 
     The result is invariant along the group axis and still rotates with the input spatially (an
@@ -472,8 +483,7 @@ class GroupPool(_ChecksEquivariance, nn.Module):
     ``check_equivariance`` tests (D4 contains C4, so the default covers both).
     """
 
-    input_kind: ClassVar[FeatureKind] = "group"
-    output_kind: ClassVar[FeatureKind] = "image"
+    output_kind: ClassVar[FeatureKind] = "image"  # from group features (``_OverGroupAxis``)
 
     def __init__(self, mode: Literal["max", "mean"] = "max", group: Group | str = "d4") -> None:
         super().__init__()
@@ -486,15 +496,11 @@ class GroupPool(_ChecksEquivariance, nn.Module):
         assert x.dim() == 5, f"expected (B, C, |G|, H, W), got {tuple(x.shape)}"
         return x.amax(dim=2) if self.mode == "max" else x.mean(dim=2)
 
-    def _check_input_shape(self, input_size: int | None) -> tuple[int, ...]:
-        size = 7 if input_size is None else input_size
-        return (2, 3, self.group.order, size, size)
-
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, group={self.group.name!r}"
 
 
-class GroupFold(_ChecksEquivariance, nn.Module):
+class GroupFold(_OverGroupAxis, nn.Module):
     """Fold the group axis into the channels: (B, C, |G|, H, W) -> (B, C*|G|, H, W), channel-major.
 
     A relabelling, no computation: channel ``c*|G| + h`` is map ``h`` of channel ``c``, the layout of the
@@ -511,8 +517,7 @@ class GroupFold(_ChecksEquivariance, nn.Module):
         fold.check_equivariance(atol=1e-5)
     """
 
-    input_kind: ClassVar[FeatureKind] = "group"
-    output_kind: ClassVar[FeatureKind] = "folded"
+    output_kind: ClassVar[FeatureKind] = "folded"  # from group features (``_OverGroupAxis``)
 
     def __init__(self, group: Group | str) -> None:
         super().__init__()
@@ -522,10 +527,6 @@ class GroupFold(_ChecksEquivariance, nn.Module):
         order = self.group.order
         assert x.dim() == 5 and x.shape[2] == order, f"expected (B, C, {order}, H, W), got {tuple(x.shape)}"
         return x.flatten(1, 2)  # (B, C*|G|, H, W)
-
-    def _check_input_shape(self, input_size: int | None) -> tuple[int, ...]:
-        size = 7 if input_size is None else input_size
-        return (2, 3, self.group.order, size, size)
 
     def extra_repr(self) -> str:
         return f"group={self.group.name!r}"
